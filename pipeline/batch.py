@@ -1,0 +1,373 @@
+"""One batch, end to end: snapshot, the three table steps, archive, checks and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+import polars as pl
+
+from pipeline import delta
+from pipeline.dedup import ORDER, split_duplicates, split_orphans, typed
+from pipeline.errors import (
+    BatchLockedError,
+    CheckFailedError,
+    InputFileError,
+    LakehouseError,
+    StepError,
+)
+from pipeline.manifest import (
+    MANIFESTS,
+    REPORTS,
+    Manifest,
+    ManifestFile,
+    archived_key,
+    new_batch_id,
+    snapshot,
+    unfinished_manifests,
+)
+from pipeline.reader import RAW_RECORD, SOURCE_FILE, SOURCE_LINE, read_chunks, read_layout
+from pipeline.specs import TABLES, TableSpec
+from pipeline.storage import Store
+from pipeline.validate import REASONS, TIMESTAMP, validate
+
+LAKEHOUSE = "lakehouse-dwh"
+REJECTED = "rejected"
+LOCK_KEY = f"{MANIFESTS}/_lock.json"
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def table_uri(store: Store, table: str) -> str:
+    return store.uri(f"{LAKEHOUSE}/{table}")
+
+
+def rejected_uri(store: Store, table: str) -> str:
+    return store.uri(f"{REJECTED}/{table}")
+
+
+@dataclass
+class StepReport:
+    """What one table step did."""
+
+    table: str
+    files: int
+    rows_in: int
+    inserted: int
+    updated: int
+    unchanged: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    delta_version: Optional[int]
+    rejected_version: Optional[int]
+    seconds: float
+    extra_columns: dict[str, list[str]] = field(default_factory=dict)
+    empty_files: list[str] = field(default_factory=list)
+
+    @property
+    def written(self) -> int:
+        return self.inserted + self.updated
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, step by step."""
+
+    batch_id: str
+    status: str
+    started_at: str
+    finished_at: str
+    seconds: float
+    steps: list[StepReport]
+    archived_files: int
+    table_counts: dict[str, int]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode()
+
+
+def step_report_key(batch_id: str, table: str) -> str:
+    return f"{REPORTS}/{batch_id}/{table}.json"
+
+
+def report_key(batch_id: str) -> str:
+    return f"{REPORTS}/{batch_id}.json"
+
+
+def _locate(store: Store, table: str, batch_id: str, entry: ManifestFile) -> tuple[str, bool]:
+    """The key holding a manifest file now: in ``raw/`` or, after a partial archive, ``archived/``."""
+    info = store.stat(entry.key)
+    if info is not None:
+        if info.size != entry.size or info.version != entry.version:
+            raise InputFileError(
+                f"{store.uri(entry.key)} changed after batch {batch_id} was snapshotted "
+                f"(size {entry.size} -> {info.size}); put back the original or delete "
+                f"{store.uri(f'{MANIFESTS}/{batch_id}.json')} to start a new batch"
+            )
+        return entry.key, False
+    moved = archived_key(table, batch_id, entry.key)
+    if store.stat(moved) is not None:
+        return moved, True
+    raise InputFileError(f"{store.uri(entry.key)} of batch {batch_id} is gone (not in raw/ nor archived/)")
+
+
+def _rejected_rows(frame: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
+    """Rejected rows shaped for ``rejected/<table>``: original text, reasons, where they came from."""
+    return frame.select(
+        *(pl.col(name).cast(pl.String) for name in spec.column_names),
+        (pl.col(RAW_RECORD) if RAW_RECORD in frame.columns else pl.lit(None, pl.String)).alias("raw_record"),
+        pl.col(REASONS).cast(pl.List(pl.String)),
+        pl.col(SOURCE_FILE).alias("source_file"),
+        pl.col(SOURCE_LINE).alias("source_line"),
+    )
+
+
+def _malformed_rows(malformed: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
+    return malformed.select(
+        *(pl.lit(None, pl.String).alias(name) for name in spec.column_names),
+        pl.col(RAW_RECORD),
+        pl.lit(["malformed_row"], pl.List(pl.String)).alias(REASONS),
+        pl.col(SOURCE_FILE),
+        pl.col(SOURCE_LINE),
+    )
+
+
+def run_step(
+    store: Store, manifest: Manifest, spec: TableSpec, *, progress: Progress = _quiet, now: Optional[datetime] = None
+) -> StepReport:
+    """Validate, deduplicate and integrity-check one table's files of a batch, then MERGE them.
+
+    Rejected rows replace whatever this batch rejected before in ``rejected/<table>``, and the MERGE
+    changes nothing on a replay, so a step is safe to run again.
+    """
+    started = time.monotonic()
+    batch_id = manifest.batch_id
+    valid_parts: list[pl.DataFrame] = []
+    rejected_parts: list[pl.DataFrame] = []
+    extra_columns: dict[str, list[str]] = {}
+    empty_files: list[str] = []
+    rows_in = 0
+    typed_names = [typed(name) for name in spec.column_names]
+
+    for file_index, entry in enumerate(manifest.files[spec.name]):
+        key, _ = _locate(store, spec.name, batch_id, entry)
+        progress(f"{spec.name}: reading {entry.key}")
+        with store.local_path(key) as path:
+            layout = read_layout(path, spec, entry.key)
+            if layout is None:
+                empty_files.append(entry.key)
+                continue
+            if layout.extra:
+                extra_columns[entry.key] = layout.extra
+            for chunk in read_chunks(path, spec, entry.key, layout):
+                rows_in += chunk.records.height + chunk.malformed.height
+                if chunk.malformed.height:
+                    rejected_parts.append(_malformed_rows(chunk.malformed, spec))
+                checked = validate(chunk.records, spec, layout.missing).with_columns(
+                    (pl.lit(file_index, pl.Int64) * (1 << 40) + pl.col(SOURCE_LINE)).alias(ORDER)
+                )
+                is_valid = pl.col(REASONS).list.len() == 0
+                rejected_parts.append(_rejected_rows(checked.filter(~is_valid), spec))
+                valid_parts.append(checked.filter(is_valid).drop(REASONS))
+
+    progress(f"{spec.name}: deduplicating and checking references")
+    valid = pl.concat(valid_parts) if valid_parts else pl.DataFrame()
+    if valid.height:
+        survivors, duplicates = split_duplicates(valid, spec)
+        rejected_parts.append(_rejected_rows(duplicates, spec))
+        known = {
+            fk.column: delta.existing_values(
+                table_uri(store, fk.ref_table), fk.ref_column, survivors.get_column(typed(fk.column)).unique()
+            )
+            for fk in spec.foreign_keys
+        }
+        survivors, orphans = split_orphans(survivors, spec, known)
+        rejected_parts.append(_rejected_rows(orphans, spec))
+        rows = survivors.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
+    else:
+        rows = pl.DataFrame()
+    del valid, valid_parts
+
+    rejected_at = now or datetime.now(timezone.utc)
+    rejected = (
+        pl.concat([part for part in rejected_parts if part.height]) if any(p.height for p in rejected_parts) else None
+    )
+    rejected_rows = 0 if rejected is None else rejected.height
+    if rows.height + rejected_rows != rows_in:
+        raise LakehouseError(
+            f"{spec.name}: {rows_in} rows read but {rows.height} kept and {rejected_rows} rejected; refusing to write"
+        )
+
+    reasons: Counter[str] = Counter()
+    rejected_version = delta.table_version(rejected_uri(store, spec.name))
+    if rejected is not None:
+        reasons.update(rejected.get_column(REASONS).explode().to_list())
+        progress(f"{spec.name}: writing {rejected.height:,} rejected rows")
+        rejected_version = delta.replace_batch_rows(
+            rejected_uri(store, spec.name),
+            rejected.with_columns(
+                pl.lit(batch_id).alias("batch_id"), pl.lit(rejected_at).cast(TIMESTAMP).alias("rejected_at")
+            ),
+            batch_column="batch_id",
+            batch_id=batch_id,
+        )
+
+    progress(f"{spec.name}: merging {rows.height:,} rows")
+    merged = delta.merge_rows(table_uri(store, spec.name), rows, spec) if rows.height else None
+    inserted = merged.inserted if merged else 0
+    updated = merged.updated if merged else 0
+    return StepReport(
+        table=spec.name,
+        files=len(manifest.files[spec.name]),
+        rows_in=rows_in,
+        inserted=inserted,
+        updated=updated,
+        unchanged=rows.height - inserted - updated,
+        rejected=rejected_rows,
+        rejected_by_reason=dict(sorted(reasons.items())),
+        delta_version=merged.version if merged else delta.table_version(table_uri(store, spec.name)),
+        rejected_version=rejected_version,
+        seconds=round(time.monotonic() - started, 3),
+        extra_columns=extra_columns,
+        empty_files=empty_files,
+    )
+
+
+def save_step_report(store: Store, batch_id: str, report: StepReport) -> None:
+    store.write_bytes(step_report_key(batch_id, report.table), json.dumps(asdict(report), indent=2).encode())
+
+
+def load_step_report(store: Store, batch_id: str, table: str) -> Optional[StepReport]:
+    key = step_report_key(batch_id, table)
+    if store.stat(key) is None:
+        return None
+    return StepReport(**json.loads(store.read_bytes(key)))
+
+
+def archive_batch(store: Store, manifest: Manifest, *, progress: Progress = _quiet) -> int:
+    """Move exactly the manifest's files from ``raw/`` to ``archived/<table>/<batch_id>/``.
+
+    Copy, check the copy's size, then delete; a file already moved by an earlier attempt is fine.
+    Returns the number of files now archived.
+    """
+    moved = 0
+    for table, entries in manifest.files.items():
+        for entry in entries:
+            target = archived_key(table, manifest.batch_id, entry.key)
+            source = store.stat(entry.key)
+            if source is None:
+                if store.stat(target) is None:
+                    raise InputFileError(f"cannot archive {store.uri(entry.key)}: it is gone and was never archived")
+                moved += 1
+                continue
+            progress(f"archiving {entry.key}")
+            store.copy(entry.key, target)
+            copied = store.stat(target)
+            if copied is None or copied.size != source.size:
+                raise InputFileError(f"archiving {store.uri(entry.key)}: the copy at {store.uri(target)} is incomplete")
+            store.delete(entry.key)
+            moved += 1
+    return moved
+
+
+def check_tables(store: Store) -> dict[str, int]:
+    """Row counts of the lakehouse tables; fails when any is empty (the seed's Athena check)."""
+    counts = {table: delta.count_rows(table_uri(store, table)) for table in TABLES}
+    empty = [table for table, count in counts.items() if count == 0]
+    if empty:
+        raise CheckFailedError(f"check failed: table {', '.join(empty)} has no rows after the batch")
+    return counts
+
+
+@contextmanager
+def batch_lock(store: Store, batch_hint: str) -> Iterator[None]:
+    """Hold the root's batch lock so two runs never process the same files."""
+    claim = json.dumps(
+        {"batch": batch_hint, "host": socket.gethostname(), "pid": os.getpid(),
+         "since": datetime.now(timezone.utc).isoformat()}
+    ).encode()
+    if not store.write_bytes(LOCK_KEY, claim, if_absent=True):
+        try:
+            holder: Any = json.loads(store.read_bytes(LOCK_KEY))
+        except (LakehouseError, ValueError):
+            holder = {}
+        raise BatchLockedError(
+            f"another run holds the lock of {store.root} (batch {holder.get('batch', '?')}, "
+            f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}); "
+            f"if it is no longer running, remove it with `lakehouse unlock --root {store.root}`"
+        )
+    try:
+        yield
+    finally:
+        store.delete(LOCK_KEY)
+
+
+def run_batch(store: Store, *, progress: Progress = _quiet, now: Optional[datetime] = None) -> BatchReport:
+    """Process one batch: resume the unfinished one if there is one, else snapshot ``raw/``.
+
+    Any failure raises with the step named; raw files stay in ``raw/`` until every step has
+    committed, and running again resumes the same batch.
+    """
+    started_at = now or datetime.now(timezone.utc)
+    started = time.monotonic()
+    batch_id = new_batch_id(started_at)
+    with batch_lock(store, batch_id):
+        pending = unfinished_manifests(store)
+        if pending:
+            manifest = pending[0]
+            progress(f"resuming unfinished batch {manifest.batch_id}")
+        else:
+            manifest = _guard("snapshot", lambda: snapshot(store, batch_id, started_at))
+            store.write_bytes(manifest.key, manifest.to_json(), if_absent=True)
+            progress(f"batch {manifest.batch_id}: {sum(len(f) for f in manifest.files.values())} files")
+
+        steps = []
+        for spec in TABLES.values():
+            report = load_step_report(store, manifest.batch_id, spec.name)
+            if report is None:
+                report = _guard(spec.name, lambda spec=spec: run_step(store, manifest, spec, progress=progress))
+                save_step_report(store, manifest.batch_id, report)
+            steps.append(report)
+        archived = _guard("archive", lambda: archive_batch(store, manifest, progress=progress))
+        counts = _guard("checks", lambda: check_tables(store))
+        report = BatchReport(
+            batch_id=manifest.batch_id,
+            status="succeeded",
+            started_at=started_at.isoformat(),
+            finished_at=datetime.now(timezone.utc).isoformat(),
+            seconds=round(time.monotonic() - started, 3),
+            steps=steps,
+            archived_files=archived,
+            table_counts=counts,
+        )
+        store.write_bytes(report_key(manifest.batch_id), report.to_json())
+        return report
+
+
+def _guard(step: str, action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except StepError:
+        raise
+    except Exception as error:
+        if step == "snapshot" and isinstance(error, LakehouseError):
+            raise
+        raise StepError(step, error) from error
+
+
+def load_report(store: Store, batch_id: str) -> BatchReport:
+    raw = json.loads(store.read_bytes(report_key(batch_id)))
+    raw["steps"] = [StepReport(**step) for step in raw["steps"]]
+    return BatchReport(**raw)

@@ -1,0 +1,162 @@
+"""The one module that talks to deltalake: create, MERGE, append rejected rows, read keys, count.
+
+Tables are addressed by URI (a local path or ``s3://``); storage options come from settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import polars as pl
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from pipeline.errors import CommitConflictError
+from pipeline.settings import load_settings
+from pipeline.specs import TableSpec
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a MERGE did to the target table."""
+
+    inserted: int
+    updated: int
+    version: Optional[int]
+
+
+def _options() -> dict[str, str]:
+    return load_settings().delta_storage_options()
+
+
+def open_table(uri: str) -> Optional[DeltaTable]:
+    """The Delta table at ``uri``, or None when there is none yet."""
+    try:
+        return DeltaTable(uri, storage_options=_options())
+    except TableNotFoundError:
+        return None
+
+
+def table_version(uri: str) -> Optional[int]:
+    """The current version of the table at ``uri`` (None: no table)."""
+    table = open_table(uri)
+    return None if table is None else table.version()
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(int(value)) if isinstance(value, (int, bool)) else repr(value)
+
+
+def _in_list(column: str, values: Sequence[Any]) -> str:
+    return f"t.{column} IN ({', '.join(_literal(v) for v in values)})"
+
+
+def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
+    """MERGE ``rows`` (typed, unique on the primary key) into the table at ``uri`` on the primary key.
+
+    New keys are inserted. A matched row is replaced only when a column differs and, for specs with
+    ``order_by``, when the incoming value is the same or newer: a replay changes nothing and writes no
+    commit. The predicate names the partitions involved (the rows' own and those where their keys
+    live now) as literals, so delta-rs reads and rewrites only those partitions.
+    """
+    if rows.height == 0:
+        return MergeResult(0, 0, table_version(uri))
+    table = open_table(uri)
+    try:
+        if table is None:
+            write_deltalake(uri, rows.to_arrow(), mode="append", partition_by=[spec.partition_by],
+                            storage_options=_options())
+            return MergeResult(rows.height, 0, table_version(uri))
+
+        key, part = spec.primary_key, spec.partition_by
+        partitions = set(rows.get_column(part).unique().to_list())
+        partitions |= set(_partitions_of_keys(table, spec, rows.get_column(key)))
+        predicate = f"t.{key} = s.{key} AND {_in_list(part, sorted(partitions))}"
+
+        changed = " OR ".join(f"(t.{name} IS DISTINCT FROM s.{name})" for name in spec.column_names if name != key)
+        condition = f"({changed})"
+        if spec.order_by:
+            condition = f"s.{spec.order_by} >= t.{spec.order_by} AND {condition}"
+        metrics = (
+            table.merge(rows.to_arrow(), predicate, source_alias="s", target_alias="t")
+            .when_matched_update_all(predicate=condition)
+            .when_not_matched_insert_all()
+            .execute()
+        )
+    except CommitFailedError as error:
+        raise CommitConflictError(f"another writer committed to {uri} first; retry the step ({error})") from error
+    return MergeResult(
+        int(metrics.get("num_target_rows_inserted", 0)),
+        int(metrics.get("num_target_rows_updated", 0)),
+        table_version(uri),
+    )
+
+
+def _partitions_of_keys(table: DeltaTable, spec: TableSpec, keys: pl.Series) -> list[Any]:
+    """The partition values under which any of ``keys`` is stored now (a key may change partition)."""
+    found = (
+        _scan(table)
+        .select(spec.primary_key, spec.partition_by)
+        .filter(pl.col(spec.primary_key).is_in(keys.implode()))
+        .select(pl.col(spec.partition_by).unique())
+        .collect()
+    )
+    return found.to_series().to_list()
+
+
+def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> Optional[int]:
+    """Append ``rows`` of one batch to the table at ``uri``, replacing what that batch wrote before.
+
+    Re-running a batch therefore never duplicates its rows. The table is partitioned by ``batch_column``.
+    """
+    table = open_table(uri)
+    if rows.height == 0:
+        # The batch's inputs are pinned by its manifest, so an earlier attempt rejected nothing either.
+        return None if table is None else table.version()
+    try:
+        write_deltalake(
+            uri,
+            rows.to_arrow(),
+            mode="overwrite" if table is not None else "append",
+            predicate=f"{batch_column} = {_literal(batch_id)}" if table is not None else None,
+            partition_by=[batch_column],
+            storage_options=_options(),
+        )
+    except CommitFailedError as error:
+        raise CommitConflictError(f"another writer committed to {uri} first; retry the step ({error})") from error
+    return table_version(uri)
+
+
+def existing_values(uri: str, column: str, candidates: pl.Series) -> pl.Series:
+    """The values among ``candidates`` that occur in ``column`` of the table at ``uri``."""
+    table = open_table(uri)
+    if table is None:
+        return candidates.head(0)
+    return (
+        _scan(table)
+        .select(column)
+        .filter(pl.col(column).is_in(candidates.implode()))
+        .unique()
+        .collect()
+        .to_series()
+    )
+
+
+def scan(uri: str) -> Optional[pl.LazyFrame]:
+    """A lazy scan of the table at ``uri`` (None: no table)."""
+    table = open_table(uri)
+    return None if table is None else _scan(table)
+
+
+def _scan(table: DeltaTable) -> pl.LazyFrame:
+    return pl.scan_delta(table.table_uri, version=table.version(), storage_options=_options())
+
+
+def count_rows(uri: str) -> int:
+    """The number of rows of the table at ``uri`` (0 when there is no table)."""
+    lazy = scan(uri)
+    return 0 if lazy is None else int(lazy.select(pl.len()).collect().item())

@@ -1,0 +1,196 @@
+"""Read one raw CSV file into frames of original text, keeping every record and its line number.
+
+pyarrow's streaming CSV reader parses RFC 4180 (quotes, CRLF, newlines in quoted values) block by
+block. A record whose field count differs from the header's is handed to a callback with its exact
+text and physical line number; those become ``malformed_row`` rejections, never shifted or cut.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from pipeline.errors import InputFileError
+from pipeline.specs import TableSpec
+
+SOURCE_FILE = "_source_file"
+SOURCE_LINE = "_source_line"
+RAW_RECORD = "_raw_record"
+
+# Large blocks amortise per-batch work; one block is the unit of memory for the raw text.
+BLOCK_SIZE = 32 << 20
+
+
+@dataclass
+class FileLayout:
+    """What the header of one file says: where each table column is, and what is missing or extra."""
+
+    positions: dict[str, int]
+    missing: list[str]
+    extra: list[str]
+    field_count: int
+    header_lines: int
+
+
+@dataclass
+class RawChunk:
+    """One block of a file: well-formed records as text, and the malformed ones."""
+
+    records: pl.DataFrame
+    malformed: pl.DataFrame
+
+
+@dataclass
+class _InvalidRows:
+    lines: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+def read_layout(path: Path, spec: TableSpec, source: str) -> FileLayout | None:
+    """Parse the header of ``path``; None for an empty file (no header, no rows)."""
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as handle:
+            header = next(csv.reader(handle), None)
+    except UnicodeDecodeError as error:
+        raise InputFileError(f"{source} is not UTF-8 text (line 1, byte {error.start})") from error
+    if header is None:
+        return None
+    names = [name.strip() for name in header]
+    positions: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in spec.column_names:
+            if name in positions:
+                raise InputFileError(f"{source} line 1: the header names column {name!r} twice")
+            positions[name] = index
+    missing = [name for name in spec.column_names if name not in positions]
+    extra = [name for name in names if name not in spec.column_names]
+    header_lines = 1 + sum(name.count("\n") for name in header)
+    return FileLayout(positions, missing, extra, len(names), header_lines)
+
+
+def read_chunks(
+    path: Path, spec: TableSpec, source: str, layout: FileLayout, *, block_size: int = BLOCK_SIZE
+) -> Iterator[RawChunk]:
+    """Stream ``path`` as chunks of original text, one column per table column.
+
+    Values keep their original text (untrimmed, empty as ``""``); a column the file lacks is null.
+    Each record carries ``_source_file`` and ``_source_line`` (its first physical line, the header
+    being line 1).
+    """
+    names = [f"f{i}" for i in range(layout.field_count)]
+    invalid = _InvalidRows()
+
+    def on_invalid_row(row: pacsv.InvalidRow) -> str:
+        invalid.lines.append(row.number if row.number is not None else -1)
+        invalid.texts.append(row.text)
+        return "skip"
+
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(
+                skip_rows=layout.header_lines,
+                column_names=names,
+                block_size=block_size,
+                # Single-threaded parsing is what gives malformed rows their line numbers, and the
+                # streaming reader is as fast with it (measured: 1.0 s vs 1.3 s for 5 M rows).
+                use_threads=False,
+            ),
+            parse_options=pacsv.ParseOptions(
+                newlines_in_values=True, ignore_empty_lines=False, invalid_row_handler=on_invalid_row
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in names},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        next_line = layout.header_lines + 1
+        batches: Iterator[pa.RecordBatch] = iter(reader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batch = None
+            chunk, next_line = _to_chunk(batch, invalid, spec, layout, source, next_line)
+            invalid = _InvalidRows()
+            if chunk is not None:
+                yield chunk
+            if batch is None:
+                break
+    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+        raise InputFileError(f"{source} cannot be parsed as CSV: {_first_line(error)}") from error
+
+
+def _to_chunk(
+    batch: pa.RecordBatch | None,
+    invalid: _InvalidRows,
+    spec: TableSpec,
+    layout: FileLayout,
+    source: str,
+    next_line: int,
+) -> tuple[RawChunk | None, int]:
+    """Place one block's records on their physical lines and shape them as table columns."""
+    fields = pl.from_arrow(batch) if batch is not None else pl.DataFrame()
+    assert isinstance(fields, pl.DataFrame)
+    if fields.height == 0 and not invalid.lines:
+        return None, next_line
+
+    spans = np.ones(fields.height, dtype=np.int64)
+    if fields.height and fields.width:
+        newlines = fields.select(pl.sum_horizontal(pl.all().str.count_matches("\n", literal=True)))
+        spans += newlines.to_series().to_numpy().astype(np.int64)
+    starts = np.concatenate(([0], np.cumsum(spans)[:-1])) if fields.height else spans
+    bad_spans = np.array([1 + text.count("\n") for text in invalid.texts], dtype=np.int64)
+    # Lines of valid records taken before each malformed record tell where it sat among them.
+    valid_before = np.array(invalid.lines, dtype=np.int64) - next_line - np.cumsum(bad_spans) + bad_spans
+    positions = np.searchsorted(starts, valid_before, side="left")
+    shift = np.cumsum(np.bincount(positions, weights=bad_spans, minlength=fields.height + 1))[: fields.height]
+    lines = next_line + starts + shift.astype(np.int64)
+    consumed = int(spans.sum() + bad_spans.sum())
+
+    columns = [
+        (fields.get_column(f"f{layout.positions[name]}") if name in layout.positions else pl.lit(None, pl.String))
+        .alias(name)
+        for name in spec.column_names
+    ]
+    records = fields.select(
+        *columns,
+        pl.lit(source, pl.String).alias(SOURCE_FILE),
+        pl.Series(SOURCE_LINE, lines, dtype=pl.Int64),
+    ) if fields.height else _empty_records(spec)
+    malformed = pl.DataFrame(
+        {
+            SOURCE_FILE: [source] * len(invalid.lines),
+            SOURCE_LINE: invalid.lines,
+            RAW_RECORD: invalid.texts,
+        },
+        schema={SOURCE_FILE: pl.String, SOURCE_LINE: pl.Int64, RAW_RECORD: pl.String},
+    )
+    return RawChunk(records, malformed), next_line + consumed
+
+
+def _empty_records(spec: TableSpec) -> pl.DataFrame:
+    schema = {name: pl.String for name in spec.column_names}
+    schema.update({SOURCE_FILE: pl.String, SOURCE_LINE: pl.Int64})
+    return pl.DataFrame(schema=schema)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def csv_text(rows: list[list[str]]) -> str:
+    """RFC 4180 text for ``rows`` (used by the generator and tests to write exact fixtures)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()

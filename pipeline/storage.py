@@ -1,0 +1,247 @@
+"""Object I/O for a lakehouse root: a local folder or ``s3://bucket[/prefix]``.
+
+Every list, read, write, copy and delete of raw files, manifests and reports goes through here.
+Keys are always relative to the root and use ``/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from pipeline.errors import StorageError
+from pipeline.settings import load_settings
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key under the root, size in bytes and version (ETag or mtime)."""
+
+    key: str
+    size: int
+    version: str
+
+
+class Store(Protocol):
+    """What the pipeline needs from a place that holds objects."""
+
+    root: str
+
+    def uri(self, key: str) -> str:
+        """The absolute location of ``key`` (a path or an ``s3://`` URL)."""
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix``, sorted by key."""
+
+    def stat(self, key: str) -> Optional[ObjectInfo]:
+        """The object at ``key``, or None when there is none."""
+
+    def read_bytes(self, key: str) -> bytes:
+        """The content of ``key``."""
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write ``key``; with ``if_absent``, only if it does not exist yet (returns False then)."""
+
+    def local_path(self, key: str) -> contextlib.AbstractContextManager[Path]:
+        """A local file with the content of ``key`` for as long as the context lasts."""
+
+    def upload(self, path: Path, key: str) -> None:
+        """Store the local file ``path`` as ``key``."""
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy ``src`` to ``dst`` (any size)."""
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+
+
+def open_store(root: str) -> Store:
+    """The store for ``root``: ``s3://bucket[/prefix]`` or a local folder."""
+    if root.startswith("s3://"):
+        bucket, _, prefix = root[len("s3://") :].partition("/")
+        if not bucket:
+            raise StorageError(f"root {root!r} names no bucket; use s3://bucket[/prefix]")
+        return S3Store(bucket, prefix.strip("/"))
+    if "://" in root:
+        raise StorageError(f"root {root!r} is neither a local folder nor an s3:// URL")
+    return LocalStore(Path(root))
+
+
+class LocalStore:
+    """A local folder laid out like the bucket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.expanduser().resolve()
+        self.root = str(self.path)
+
+    def _file(self, key: str) -> Path:
+        return self.path / key
+
+    def uri(self, key: str) -> str:
+        return str(self._file(key))
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        base = self._file(prefix)
+        if not base.is_dir():
+            return []
+        found = []
+        for path in base.rglob("*"):
+            if path.is_file():
+                stat = path.stat()
+                key = path.relative_to(self.path).as_posix()
+                found.append(ObjectInfo(key, stat.st_size, str(stat.st_mtime_ns)))
+        return sorted(found, key=lambda info: info.key)
+
+    def stat(self, key: str) -> Optional[ObjectInfo]:
+        path = self._file(key)
+        if not path.is_file():
+            return None
+        stat = path.stat()
+        return ObjectInfo(key, stat.st_size, str(stat.st_mtime_ns))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._file(key).read_bytes()
+        except OSError as error:
+            raise StorageError(f"cannot read {self.uri(key)}: {error.strerror}") from error
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        target = self._file(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            if if_absent:
+                # link() fails if the target exists: an atomic create-if-absent on POSIX.
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, target)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        path = self._file(key)
+        if not path.is_file():
+            raise StorageError(f"{path} does not exist")
+        yield path
+
+    def upload(self, path: Path, key: str) -> None:
+        target = self._file(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.resolve() != target:
+            shutil.copyfile(path, target)
+
+    def copy(self, src: str, dst: str) -> None:
+        target = self._file(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{target.name}")
+        shutil.copyfile(self._file(src), tmp)
+        os.replace(tmp, target)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._file(key).unlink()
+
+
+class S3Store:
+    """A bucket (and optional prefix) on S3 or any S3-compatible server."""
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        import boto3
+
+        settings = load_settings()
+        self.bucket = bucket
+        self.prefix = prefix
+        self.root = f"s3://{bucket}/{prefix}".rstrip("/")
+        self.client: Any = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _relative(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _call(self, action: str, key: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except (BotoCoreError, ClientError) as error:
+            raise StorageError(f"cannot {action} {self.uri(key)}: {error}") from error
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        found = []
+        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix))))
+        for page in pages:
+            for obj in page.get("Contents", []):
+                found.append(ObjectInfo(self._relative(obj["Key"]), obj["Size"], obj["ETag"].strip('"')))
+        return sorted(found, key=lambda info: info.key)
+
+    def stat(self, key: str) -> Optional[ObjectInfo]:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"cannot read {self.uri(key)}: {error}") from error
+        return ObjectInfo(key, head["ContentLength"], head["ETag"].strip('"'))
+
+    def read_bytes(self, key: str) -> bytes:
+        response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return response["Body"].read()  # type: ignore[no-any-return]
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+        except ClientError as error:
+            if if_absent and error.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
+                return False
+            raise StorageError(f"cannot write {self.uri(key)}: {error}") from error
+        except BotoCoreError as error:
+            raise StorageError(f"cannot write {self.uri(key)}: {error}") from error
+        return True
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="lakehouse-") as tmp:
+            path = Path(tmp) / Path(key).name
+            self._call("download", key, self.client.download_file, Bucket=self.bucket, Key=self._key(key),
+                       Filename=str(path))
+            yield path
+
+    def upload(self, path: Path, key: str) -> None:
+        self._call("upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket,
+                   Key=self._key(key))
+
+    def copy(self, src: str, dst: str) -> None:
+        # The managed copy switches to multipart for objects over 5 GB, where CopyObject cannot go.
+        self._call("copy", src, self.client.copy, CopySource={"Bucket": self.bucket, "Key": self._key(src)},
+                   Bucket=self.bucket, Key=self._key(dst))
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

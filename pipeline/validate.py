@@ -1,0 +1,120 @@
+"""Row rules over a table spec: parse every column, and list every reason a row breaks the contract."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import polars as pl
+
+from pipeline.specs import Column, TableSpec
+
+REASONS = "reject_reasons"
+TIMESTAMP = pl.Datetime("us", "UTC")
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+_INTEGER = r"^[+-]?[0-9]+$"
+_DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+# Seconds stop at 59: chrono would roll a leap second :60 into the next minute.
+_TIMESTAMP = r"^([0-9]{4}-[0-9]{2}-[0-9]{2})[T ]([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])(\.[0-9]{1,6})?(Z|\+00:00)?$"
+
+
+def polars_type(column: Column) -> pl.DataType:
+    """The Polars type a column is stored as in the lakehouse."""
+    return {
+        "int": pl.Int32(),
+        "double": pl.Float64(),
+        "string": pl.String(),
+        "date": pl.String(),
+        "timestamp": TIMESTAMP,
+    }[column.type]
+
+
+def table_schema(spec: TableSpec) -> dict[str, pl.DataType]:
+    """The typed schema of a lakehouse table."""
+    return {column.name: polars_type(column) for column in spec.columns}
+
+
+def _cleaned(name: str) -> pl.Expr:
+    text = pl.col(name).str.strip_chars()
+    return pl.when(text == "").then(None).otherwise(text)
+
+
+def _parsed(column: Column, value: pl.Expr) -> pl.Expr:
+    """The typed value, or null where the text does not parse as the column's type."""
+    if column.type == "int":
+        number = value.str.to_integer(strict=False)
+        fits = value.str.contains(_INTEGER) & number.is_between(INT_MIN, INT_MAX)
+        return pl.when(fits).then(number).otherwise(None).cast(pl.Int32)
+    if column.type == "double":
+        number = value.cast(pl.Float64, strict=False)
+        return pl.when(number.is_finite()).then(number).otherwise(None)
+    if column.type == "timestamp":
+        canonical = value.str.replace(_TIMESTAMP, "${1} ${2}:${3}:${4}${5}")
+        parsed = canonical.str.to_datetime(
+            "%Y-%m-%d %H:%M:%S%.f", strict=False, time_unit="us", time_zone="UTC"
+        )
+        return pl.when(value.str.contains(_TIMESTAMP)).then(parsed).otherwise(None)
+    if column.type == "date":
+        real = value.str.to_date("%Y-%m-%d", strict=False).is_not_null()
+        return pl.when(value.str.contains(_DATE) & real).then(value).otherwise(None)
+    return value
+
+
+def _out_of_range(column: Column, typed: pl.Expr) -> pl.Expr | None:
+    checks = []
+    if column.greater_than is not None:
+        checks.append(typed <= column.greater_than)
+    if column.at_least is not None:
+        checks.append(typed < column.at_least)
+    if column.allowed is not None:
+        checks.append(~typed.is_in(list(column.allowed)))
+    if not checks:
+        return None
+    return pl.any_horizontal(checks).fill_null(False)
+
+
+def _reason_list(pairs: Iterable[tuple[pl.Expr, str]]) -> pl.Expr:
+    flagged = [pl.when(condition).then(pl.lit(reason)).otherwise(None) for condition, reason in pairs]
+    if not flagged:
+        return pl.lit([], pl.List(pl.String))
+    return pl.concat_list(flagged).list.drop_nulls()
+
+
+def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()) -> pl.DataFrame:
+    """Parse ``records`` (original text per column) and list the reasons each row is rejected.
+
+    Returns ``records`` with ``typed__<column>`` columns holding the parsed values and a
+    ``reject_reasons`` list (empty for a valid row). ``missing`` names the columns the source file
+    lacks: those rows get ``missing_column:<col>`` and the other columns are still checked.
+    """
+    missing = set(missing)
+    typed_names = {column.name: f"typed__{column.name}" for column in spec.columns}
+    cleaned = records.with_columns(
+        _cleaned(column.name).alias(f"clean__{column.name}") for column in spec.columns
+    )
+    parsed = cleaned.with_columns(
+        _parsed(column, pl.col(f"clean__{column.name}")).alias(typed_names[column.name])
+        for column in spec.columns
+    )
+
+    reasons: list[tuple[pl.Expr, str]] = []
+    for column in spec.columns:
+        clean, typed = pl.col(f"clean__{column.name}"), pl.col(typed_names[column.name])
+        if column.name in missing:
+            reasons.append((pl.lit(True), f"missing_column:{column.name}"))
+            continue
+        if not column.nullable:
+            reasons.append((clean.is_null(), f"null:{column.name}"))
+        reasons.append((clean.is_not_null() & typed.is_null(), f"invalid:{column.name}"))
+        out_of_range = _out_of_range(column, typed)
+        if out_of_range is not None:
+            reasons.append((out_of_range, f"range:{column.name}"))
+    if spec.date_of is not None:
+        date_name, timestamp_name = spec.date_of
+        date, timestamp = pl.col(typed_names[date_name]), pl.col(typed_names[timestamp_name])
+        utc_date = timestamp.dt.date().cast(pl.String)
+        reasons.append(((date != utc_date).fill_null(False), "date_mismatch"))
+
+    return parsed.with_columns(_reason_list(reasons).alias(REASONS)).drop(
+        f"clean__{column.name}" for column in spec.columns
+    )
