@@ -135,13 +135,12 @@ def _rejected_rows(frame: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
 
 
 def _malformed_rows(malformed: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
-    return malformed.select(
+    """Malformed records keep their whole text in ``raw_record``; no value is placed in a column."""
+    shaped = malformed.with_columns(
         *(pl.lit(None, pl.String).alias(name) for name in spec.column_names),
-        pl.col(RAW_RECORD),
         pl.lit(["malformed_row"], pl.List(pl.String)).alias(REASONS),
-        pl.col(SOURCE_FILE),
-        pl.col(SOURCE_LINE),
     )
+    return _rejected_rows(shaped, spec)
 
 
 def run_step(

@@ -115,6 +115,10 @@ def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()
         utc_date = timestamp.dt.date().cast(pl.String)
         reasons.append(((date != utc_date).fill_null(False), "date_mismatch"))
 
-    return parsed.with_columns(_reason_list(reasons).alias(REASONS)).drop(
-        f"clean__{column.name}" for column in spec.columns
-    )
+    # Building lists is costly and most rows are valid: only rows breaking a rule get their list.
+    broken = pl.any_horizontal([condition for condition, _ in reasons]) if reasons else pl.lit(False)
+    flagged = parsed.with_columns(broken.alias("broken__"))
+    valid = flagged.filter(~pl.col("broken__")).with_columns(pl.lit([], pl.List(pl.String)).alias(REASONS))
+    invalid = flagged.filter(pl.col("broken__")).with_columns(_reason_list(reasons).alias(REASONS))
+    cleaned_names = [f"clean__{column.name}" for column in spec.columns]
+    return pl.concat([valid, invalid]).drop([*cleaned_names, "broken__"])
