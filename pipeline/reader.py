@@ -49,9 +49,13 @@ class RawChunk:
 
 
 @dataclass
-class _InvalidRows:
-    lines: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
+class _Cursor:
+    """Where the reader is: the next record's number (pyarrow's count, header = 1) and physical line."""
+
+    record: int
+    line: int
+    pending_records: list[int] = field(default_factory=list)
+    pending_texts: list[str] = field(default_factory=list)
 
 
 def read_layout(path: Path, spec: TableSpec, source: str) -> FileLayout | None:
@@ -86,22 +90,26 @@ def read_chunks(
     being line 1).
     """
     names = [f"f{i}" for i in range(layout.field_count)]
-    invalid = _InvalidRows()
+    cursor = _Cursor(record=2, line=layout.header_lines + 1)
 
     def on_invalid_row(row: pacsv.InvalidRow) -> str:
-        invalid.lines.append(row.number if row.number is not None else -1)
-        invalid.texts.append(row.text)
+        # pyarrow numbers rows (records), counting the header as 1, and may report a row of the
+        # block it parses ahead before it yields the current one: _place_rows sorts that out.
+        if row.number is None:
+            raise InputFileError(f"{source}: a malformed record could not be located")
+        cursor.pending_records.append(row.number)
+        cursor.pending_texts.append(row.text)
         return "skip"
 
     try:
         reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(
-                skip_rows=layout.header_lines,
+                skip_rows=1,
                 column_names=names,
                 block_size=block_size,
-                # Single-threaded parsing is what gives malformed rows their line numbers, and the
-                # streaming reader is as fast with it (measured: 1.0 s vs 1.3 s for 5 M rows).
+                # Single-threaded parsing is what numbers malformed rows, and the streaming reader is
+                # as fast with it (measured: 1.0 s vs 1.3 s for 5 M rows).
                 use_threads=False,
             ),
             parse_options=pacsv.ParseOptions(
@@ -113,69 +121,63 @@ def read_chunks(
                 quoted_strings_can_be_null=False,
             ),
         )
-        next_line = layout.header_lines + 1
-        batches: Iterator[pa.RecordBatch] = iter(reader)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batch = None
-            chunk, next_line = _to_chunk(batch, invalid, spec, layout, source, next_line)
-            invalid = _InvalidRows()
+        for batch in reader:
+            chunk = _place_rows(pl.from_arrow(batch), cursor, spec, layout, source)  # type: ignore[arg-type]
             if chunk is not None:
                 yield chunk
-            if batch is None:
-                break
+        tail = _place_rows(pl.DataFrame(), cursor, spec, layout, source)
+        if tail is not None:
+            yield tail
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise InputFileError(f"{source} cannot be parsed as CSV: {_first_line(error)}") from error
 
 
-def _to_chunk(
-    batch: pa.RecordBatch | None,
-    invalid: _InvalidRows,
-    spec: TableSpec,
-    layout: FileLayout,
-    source: str,
-    next_line: int,
-) -> tuple[RawChunk | None, int]:
-    """Place one block's records on their physical lines and shape them as table columns."""
-    fields = pl.from_arrow(batch) if batch is not None else pl.DataFrame()
-    assert isinstance(fields, pl.DataFrame)
-    if fields.height == 0 and not invalid.lines:
-        return None, next_line
+def _place_rows(
+    fields: pl.DataFrame, cursor: _Cursor, spec: TableSpec, layout: FileLayout, source: str
+) -> RawChunk | None:
+    """Give one block's well-formed records and the malformed ones among them their physical lines."""
+    n = fields.height
+    order = np.argsort(np.array(cursor.pending_records, dtype=np.int64), kind="stable")
+    records = np.array(cursor.pending_records, dtype=np.int64)[order]
+    texts = [cursor.pending_texts[i] for i in order]
+    # The j-th malformed record has (record - first record - j) well-formed records before it.
+    valid_before = records - cursor.record - np.arange(records.size)
+    is_last_batch = n == 0
+    take = records.size if is_last_batch else int(np.searchsorted(valid_before, n, side="right"))
+    cursor.pending_records = records[take:].tolist()
+    cursor.pending_texts = texts[take:]
+    valid_before, texts = valid_before[:take], texts[:take]
+    if n == 0 and take == 0:
+        return None
 
-    spans = np.ones(fields.height, dtype=np.int64)
-    if fields.height and fields.width:
+    spans = np.ones(n, dtype=np.int64)
+    if n and fields.width:
         newlines = fields.select(pl.sum_horizontal(pl.all().str.count_matches("\n", literal=True)))
         spans += newlines.to_series().to_numpy().astype(np.int64)
-    starts = np.concatenate(([0], np.cumsum(spans)[:-1])) if fields.height else spans
-    bad_spans = np.array([1 + text.count("\n") for text in invalid.texts], dtype=np.int64)
-    # Lines of valid records taken before each malformed record tell where it sat among them.
-    valid_before = np.array(invalid.lines, dtype=np.int64) - next_line - np.cumsum(bad_spans) + bad_spans
-    positions = np.searchsorted(starts, valid_before, side="left")
-    shift = np.cumsum(np.bincount(positions, weights=bad_spans, minlength=fields.height + 1))[: fields.height]
-    lines = next_line + starts + shift.astype(np.int64)
-    consumed = int(spans.sum() + bad_spans.sum())
+    before = np.concatenate(([0], np.cumsum(spans)))  # valid lines before valid record i
+    bad_spans = np.array([1 + text.count("\n") for text in texts], dtype=np.int64)
+    bad_before = np.concatenate(([0], np.cumsum(bad_spans)))
+    shift = np.cumsum(np.bincount(valid_before, weights=bad_spans, minlength=n + 1))[:n].astype(np.int64)
+    lines = cursor.line + before[:n] + shift
+    bad_lines = cursor.line + before[valid_before] + bad_before[:-1]
+    cursor.line += int(before[-1] + bad_before[-1])
+    cursor.record += n + take
 
     columns = [
         (fields.get_column(f"f{layout.positions[name]}") if name in layout.positions else pl.lit(None, pl.String))
         .alias(name)
         for name in spec.column_names
     ]
-    records = fields.select(
-        *columns,
-        pl.lit(source, pl.String).alias(SOURCE_FILE),
-        pl.Series(SOURCE_LINE, lines, dtype=pl.Int64),
-    ) if fields.height else _empty_records(spec)
+    shaped = (
+        fields.select(*columns, pl.lit(source, pl.String).alias(SOURCE_FILE), pl.Series(SOURCE_LINE, lines, pl.Int64))
+        if n
+        else _empty_records(spec)
+    )
     malformed = pl.DataFrame(
-        {
-            SOURCE_FILE: [source] * len(invalid.lines),
-            SOURCE_LINE: invalid.lines,
-            RAW_RECORD: invalid.texts,
-        },
+        {SOURCE_FILE: [source] * take, SOURCE_LINE: bad_lines.tolist(), RAW_RECORD: texts},
         schema={SOURCE_FILE: pl.String, SOURCE_LINE: pl.Int64, RAW_RECORD: pl.String},
     )
-    return RawChunk(records, malformed), next_line + consumed
+    return RawChunk(shaped, malformed)
 
 
 def _empty_records(spec: TableSpec) -> pl.DataFrame:

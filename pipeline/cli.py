@@ -1,0 +1,187 @@
+"""The ``lakehouse`` command: generate sample data, run a batch or one step, query the tables."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import LakehouseError, describe
+
+app = typer.Typer(
+    help="E-commerce lakehouse: raw CSVs -> validated, deduplicated, partitioned Delta tables.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+_state = {"debug": False}
+
+ROOT_HELP = "Lakehouse root: a local folder or s3://bucket[/prefix] (endpoint and credentials from AWS_* variables)."
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
+    _state["debug"] = debug
+
+
+def _progress(status: object) -> object:
+    def report(message: str) -> None:
+        status.update(f"[bold]{message}")  # type: ignore[attr-defined]
+
+    return report
+
+
+@app.command()
+def generate(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    scale: float = typer.Option(0.01, "--scale", help="1.0 is the Instacart size (3.4 M orders, 33.8 M items)."),
+    seed: int = typer.Option(42, "--seed", help="Random seed: the same seed writes the same files."),
+    next_day: bool = typer.Option(False, "--next-day", help="Write the next day's batch for the loaded lake."),
+    clean: bool = typer.Option(False, "--clean", help="Write no dirty rows."),
+) -> None:
+    """Write Instacart-like CSVs (about 1% dirty rows) into ROOT/raw/<table>/."""
+    from pipeline.generate import generate as generate_full
+    from pipeline.generate import generate_next_day
+    from pipeline.storage import open_store
+
+    store = open_store(root)
+    with console.status("generating") as status:
+        action = generate_next_day if next_day else generate_full
+        result = action(store, scale=scale, seed=seed, dirty=not clean, progress=_progress(status))  # type: ignore[arg-type]
+    for table, rows in result.rows.items():
+        out.print(f"{table}: {rows:,} rows")
+    out.print(f"{len(result.files)} files written under {store.uri('raw/')}")
+
+
+@app.command()
+def run(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
+    """Process one batch: every CSV now in ROOT/raw/ (or resume the unfinished batch)."""
+    from pipeline.batch import run_batch
+    from pipeline.storage import open_store
+
+    store = open_store(root)
+    with console.status("starting") as status:
+        report = run_batch(store, progress=_progress(status))  # type: ignore[arg-type]
+    _print_summary(report)
+
+
+@app.command()
+def step(
+    table: str = typer.Argument(..., help="products, orders or order_items."),
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    manifest: str = typer.Option(..., "--manifest", help="The batch manifest: a key under ROOT, its full URI, or a batch id."),
+) -> None:
+    """Run one table's step of a batch (what a Fargate task or Glue job runs)."""
+    from pipeline.batch import run_step, save_step_report
+    from pipeline.errors import StepError
+    from pipeline.manifest import read_manifest
+    from pipeline.specs import get_spec
+    from pipeline.storage import open_store
+
+    store = open_store(root)
+    spec = get_spec(table)
+    batch = read_manifest(store, manifest)
+    with console.status(f"{table}") as status:
+        try:
+            report = run_step(store, batch, spec, progress=_progress(status))  # type: ignore[arg-type]
+        except LakehouseError as error:
+            raise StepError(table, error) from error
+    save_step_report(store, batch.batch_id, report)
+    _print_steps([report])
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="Polars SQL over products, orders and order_items."),
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    limit: int = typer.Option(50, "--limit", help="Rows to print at most."),
+) -> None:
+    """Run SQL over the lakehouse tables (the local stand-in for Athena)."""
+    import polars as pl
+
+    from pipeline.query import run_query
+    from pipeline.storage import open_store
+
+    result = run_query(open_store(root), sql)
+    with pl.Config(tbl_rows=limit, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+        out.print(str(result.head(limit)), highlight=False)
+    if result.height > limit:
+        out.print(f"({result.height:,} rows, {limit} shown)")
+
+
+@app.command()
+def unlock(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
+    """Remove the batch lock left by a run that died."""
+    from pipeline.batch import LOCK_KEY
+    from pipeline.storage import open_store
+
+    store = open_store(root)
+    if store.stat(LOCK_KEY) is None:
+        out.print(f"{store.root} is not locked")
+        return
+    store.delete(LOCK_KEY)
+    out.print(f"removed the lock of {store.root}")
+
+
+def _print_steps(steps: list) -> None:  # type: ignore[type-arg]
+    table = Table(title="rows per table")
+    for header in ("table", "files", "rows in", "inserted", "updated", "unchanged", "rejected", "delta version", "seconds"):
+        table.add_column(header, justify="left" if header == "table" else "right")
+    for s in steps:
+        table.add_row(
+            s.table, str(s.files), f"{s.rows_in:,}", f"{s.inserted:,}", f"{s.updated:,}", f"{s.unchanged:,}",
+            f"{s.rejected:,}", "-" if s.delta_version is None else str(s.delta_version), f"{s.seconds:.2f}",
+        )
+    out.print(table)
+    reasons = Table(title="rejected rows by reason")
+    for header in ("table", "reason", "rows"):
+        reasons.add_column(header, justify="right" if header == "rows" else "left")
+    for s in steps:
+        for reason, count in s.rejected_by_reason.items():
+            reasons.add_row(s.table, reason, f"{count:,}")
+        for file, extra in s.extra_columns.items():
+            out.print(f"note: {file} has extra columns {', '.join(extra)} (ignored)")
+        for file in s.empty_files:
+            out.print(f"note: {file} is empty")
+    if reasons.row_count:
+        out.print(reasons)
+
+
+def _print_summary(report: object) -> None:
+    _print_steps(report.steps)  # type: ignore[attr-defined]
+    out.print(
+        f"batch {report.batch_id} {report.status} in {report.seconds:.1f} s; "  # type: ignore[attr-defined]
+        f"{report.archived_files} files archived; rows now: "  # type: ignore[attr-defined]
+        + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items())  # type: ignore[attr-defined]
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: errors become one clear sentence and a non-zero exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except LakehouseError as error:
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/red] {describe(error)}", highlight=False)
+        sys.exit(1)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as error:  # the CLI promises one sentence, not a traceback
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/red] {describe(error)} (run with --debug for the traceback)", highlight=False)
+        sys.exit(1)

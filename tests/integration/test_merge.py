@@ -1,0 +1,123 @@
+"""MERGE semantics on real Delta tables under tmp_path."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+from deltalake import DeltaTable
+from polars.testing import assert_frame_equal
+
+from pipeline import delta
+from pipeline.specs import ORDERS, PRODUCTS
+from pipeline.validate import table_schema
+
+
+def orders(*rows: tuple[int, str, float]) -> pl.DataFrame:
+    """Orders from (order_id, timestamp, total_amount); the date follows the timestamp."""
+    return pl.DataFrame(
+        [
+            {
+                "order_num": 1,
+                "order_id": order_id,
+                "user_id": 7,
+                "order_timestamp": datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc),
+                "total_amount": amount,
+                "date": stamp[:10],
+            }
+            for order_id, stamp, amount in rows
+        ],
+        schema=table_schema(ORDERS),
+    )
+
+
+def read(uri: str) -> pl.DataFrame:
+    return pl.read_delta(uri).sort("order_id").select(ORDERS.column_names)
+
+
+def test_first_merge_creates_a_partitioned_table_readers_can_use(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    result = delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0), (2, "2025-01-02 10:00:00", 6.0)), ORDERS)
+    assert (result.inserted, result.updated, result.version) == (2, 0, 0)
+    table = DeltaTable(uri)
+    assert table.metadata().partition_columns == ["date"]
+    assert table.protocol().min_reader_version == 1
+    assert {p.name for p in Path(uri).iterdir()} >= {"date=2025-01-01", "date=2025-01-02"}
+    assert pl.read_delta(uri).schema["order_timestamp"] == pl.Datetime("us", "UTC")
+
+
+def test_new_keys_are_inserted_and_newer_rows_replace(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    result = delta.merge_rows(uri, orders((1, "2025-01-01 11:00:00", 7.0), (2, "2025-01-01 09:00:00", 1.0)), ORDERS)
+    assert (result.inserted, result.updated) == (1, 1)
+    assert_frame_equal(read(uri), orders((1, "2025-01-01 11:00:00", 7.0), (2, "2025-01-01 09:00:00", 1.0)))
+
+
+def test_same_timestamp_replaces(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    result = delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 9.5)), ORDERS)
+    assert result.updated == 1
+    assert read(uri).get_column("total_amount").to_list() == [9.5]
+
+
+def test_older_row_does_not_overwrite(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-02 10:00:00", 5.0)), ORDERS)
+    result = delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 99.0)), ORDERS)
+    assert (result.inserted, result.updated, result.version) == (0, 0, 0)
+    assert_frame_equal(read(uri), orders((1, "2025-01-02 10:00:00", 5.0)))
+
+
+def test_replay_changes_nothing_and_commits_nothing(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    rows = orders((1, "2025-01-01 10:00:00", 5.0), (2, "2025-01-02 10:00:00", 6.0))
+    delta.merge_rows(uri, rows, ORDERS)
+    files = sorted(DeltaTable(uri).file_uris())
+    result = delta.merge_rows(uri, rows, ORDERS)
+    assert (result.inserted, result.updated, result.version) == (0, 0, 0)
+    assert sorted(DeltaTable(uri).file_uris()) == files
+    assert_frame_equal(read(uri), rows)
+
+
+def test_newer_row_on_another_date_moves_partition_without_duplicating(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 23:00:00", 5.0), (2, "2025-01-01 10:00:00", 1.0)), ORDERS)
+    delta.merge_rows(uri, orders((1, "2025-01-02 01:00:00", 6.0)), ORDERS)
+    assert_frame_equal(read(uri), orders((1, "2025-01-02 01:00:00", 6.0), (2, "2025-01-01 10:00:00", 1.0)))
+
+
+def test_daily_merge_leaves_other_partitions_alone(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders(*[(i, f"2025-01-{i:02d} 10:00:00", 1.0) for i in range(1, 6)]), ORDERS)
+    before = {f for f in DeltaTable(uri).file_uris() if "date=2025-01-05" not in f}
+    delta.merge_rows(uri, orders((5, "2025-01-05 10:00:00", 2.0), (6, "2025-01-06 10:00:00", 1.0)), ORDERS)
+    after = set(DeltaTable(uri).file_uris())
+    assert before <= after, "files of untouched dates were rewritten"
+    assert len(after - before) == 2
+
+
+def test_products_incoming_row_replaces(tmp_path: Path) -> None:
+    uri = str(tmp_path / "products")
+    rows = pl.DataFrame(
+        {"product_id": [1], "department_id": [2], "department": ["Books"], "product_name": ["Old"]},
+        schema=table_schema(PRODUCTS),
+    )
+    delta.merge_rows(uri, rows, PRODUCTS)
+    moved = rows.with_columns(pl.lit(3, pl.Int32).alias("department_id"), pl.lit("New").alias("product_name"))
+    result = delta.merge_rows(uri, moved, PRODUCTS)
+    assert result.updated == 1
+    assert_frame_equal(pl.read_delta(uri).select(PRODUCTS.column_names), moved)
+
+
+def test_rejected_rows_of_a_batch_are_replaced_not_duplicated(tmp_path: Path) -> None:
+    uri = str(tmp_path / "rejected")
+    rows = pl.DataFrame({"value": ["a", "b"], "batch_id": ["b1", "b1"]})
+    delta.replace_batch_rows(uri, rows, batch_column="batch_id", batch_id="b1")
+    delta.replace_batch_rows(uri, rows.with_columns(pl.lit("b2").alias("batch_id")), batch_column="batch_id",
+                             batch_id="b2")
+    delta.replace_batch_rows(uri, rows, batch_column="batch_id", batch_id="b1")
+    counts = pl.read_delta(uri).group_by("batch_id").len().sort("batch_id")
+    assert counts.rows() == [("b1", 2), ("b2", 2)]

@@ -1,0 +1,125 @@
+"""The CSV contract: encoding, quoting, line endings, headers, malformed rows and line numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline.errors import InputFileError
+from pipeline.reader import RAW_RECORD, SOURCE_LINE, read_chunks, read_layout
+from pipeline.specs import ORDERS, PRODUCTS
+
+
+def read(path: Path, spec=PRODUCTS, block_size: int = 1 << 20):  # type: ignore[no-untyped-def]
+    layout = read_layout(path, spec, path.name)
+    assert layout is not None
+    chunks = list(read_chunks(path, spec, path.name, layout, block_size=block_size))
+    records = pl.concat([c.records for c in chunks]) if chunks else pl.DataFrame()
+    malformed = pl.concat([c.malformed for c in chunks]) if chunks else pl.DataFrame()
+    return layout, records, malformed
+
+
+def write(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "products.csv"
+    path.write_bytes(content)
+    return path
+
+
+def test_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, b"\xef\xbb\xbfproduct_id,department_id,department,product_name\r\n1,2,Books,A\r\n")
+    layout, records, malformed = read(path)
+    assert layout.missing == []
+    assert records.select(PRODUCTS.column_names).rows() == [("1", "2", "Books", "A")]
+    assert records.get_column(SOURCE_LINE).to_list() == [2]
+    assert malformed.height == 0
+
+
+def test_header_names_are_trimmed_and_order_may_differ(tmp_path: Path) -> None:
+    path = write(tmp_path, b" product_name , department ,product_id,department_id\nA,Books,1,2\n")
+    _, records, _ = read(path)
+    assert records.select(PRODUCTS.column_names).rows() == [("1", "2", "Books", "A")]
+
+
+def test_extra_columns_are_ignored_and_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,colour,department_id,department,product_name\n1,red,2,Books,A\n")
+    layout, records, _ = read(path)
+    assert layout.extra == ["colour"]
+    assert records.select(PRODUCTS.column_names).rows() == [("1", "2", "Books", "A")]
+
+
+def test_missing_column_is_null_and_named(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,department_id,department\n1,2,Books\n")
+    layout, records, _ = read(path)
+    assert layout.missing == ["product_name"]
+    assert records.get_column("product_name").to_list() == [None]
+
+
+def test_values_keep_their_original_text(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,department_id,department,product_name\n 1 ,2,,\"Milk, whole \"\"3%\"\"\"\n")
+    _, records, _ = read(path)
+    assert records.select(PRODUCTS.column_names).rows() == [(" 1 ", "2", "", 'Milk, whole "3%"')]
+
+
+def test_rows_with_too_many_or_too_few_fields_are_malformed_with_their_text(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,department_id,department,product_name\n1,2,Books,A\n2,3,Toys\n3,4,Toys,B,extra\n4,5,Home,C\n")
+    _, records, malformed = read(path)
+    assert records.get_column("product_id").to_list() == ["1", "4"]
+    assert records.get_column(SOURCE_LINE).to_list() == [2, 5]
+    assert malformed.get_column(SOURCE_LINE).to_list() == [3, 4]
+    assert malformed.get_column(RAW_RECORD).to_list() == ["2,3,Toys", "3,4,Toys,B,extra"]
+
+
+def test_quoted_newlines_keep_physical_line_numbers(tmp_path: Path) -> None:
+    content = (
+        b"product_id,department_id,department,product_name\n"
+        b'1,2,Books,"two\nlines"\n'
+        b"2,3\n"
+        b'3,4,Toys,"three\nline\nname"\n'
+        b"4,5,Home,D\n"
+    )
+    _, records, malformed = read(write(tmp_path, content))
+    assert records.get_column(SOURCE_LINE).to_list() == [2, 5, 8]
+    assert records.get_column("product_name").to_list()[0] == "two\nlines"
+    assert malformed.get_column(SOURCE_LINE).to_list() == [4]
+
+
+def test_line_numbers_hold_across_blocks(tmp_path: Path) -> None:
+    lines = ["product_id,department_id,department,product_name"]
+    for i in range(1, 3001):
+        lines.append(f"{i},1,Books" if i % 700 == 0 else f"{i},1,Books,Product {i}")
+    _, records, malformed = read(write(tmp_path, ("\n".join(lines) + "\n").encode()), block_size=4096)
+    ids = [int(v) for v in records.get_column("product_id").to_list()]
+    assert records.get_column(SOURCE_LINE).to_list() == [i + 1 for i in ids]
+    assert malformed.get_column(SOURCE_LINE).to_list() == [701, 1401, 2101, 2801]
+    assert records.height + malformed.height == 3000
+
+
+def test_blank_line_is_a_row_not_silently_dropped(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,department_id,department,product_name\n1,2,Books,A\n\n3,4,Toys,B\n")
+    _, records, malformed = read(path)
+    assert records.height + malformed.height == 3
+    assert records.get_column(SOURCE_LINE).to_list()[-1] == 4
+
+
+def test_empty_file_has_no_layout(tmp_path: Path) -> None:
+    assert read_layout(write(tmp_path, b""), PRODUCTS, "empty.csv") is None
+
+
+def test_header_only_file_has_no_rows(tmp_path: Path) -> None:
+    _, records, malformed = read(write(tmp_path, b"product_id,department_id,department,product_name\n"))
+    assert records.height == 0 and malformed.height == 0
+
+
+def test_duplicate_header_column_is_a_clear_error(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,product_id,department_id,department,product_name\n")
+    with pytest.raises(InputFileError, match="names column 'product_id' twice"):
+        read(path)
+
+
+def test_non_utf8_file_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "orders.csv"
+    path.write_bytes(b"order_num,order_id,user_id,order_timestamp,total_amount,date\n1,2,3,\xff\xfe,1,2025-01-01\n")
+    with pytest.raises(InputFileError, match="orders.csv"):
+        read(path, ORDERS)

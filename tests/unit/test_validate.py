@@ -1,0 +1,172 @@
+"""One test per row rule of the data contract, on tiny frames of original text."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import polars as pl
+import pytest
+
+from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS
+from pipeline.validate import REASONS, validate
+from tests.helpers import text_frame, valid_item, valid_order, valid_product
+
+
+def reasons_of(spec, row, missing=()):  # type: ignore[no-untyped-def]
+    checked = validate(text_frame(spec, [row]), spec, missing)
+    return checked.get_column(REASONS).to_list()[0]
+
+
+def test_valid_rows_have_no_reasons() -> None:
+    assert reasons_of(ORDERS, valid_order()) == []
+    assert reasons_of(ORDER_ITEMS, valid_item()) == []
+    assert reasons_of(PRODUCTS, valid_product()) == []
+
+
+def test_values_are_parsed_to_the_table_types() -> None:
+    checked = validate(text_frame(ORDERS, [valid_order(total_amount=" 12.5 ")]), ORDERS)
+    row = checked.row(0, named=True)
+    assert row["typed__order_id"] == 10
+    assert checked.schema["typed__order_id"] == pl.Int32
+    assert row["typed__total_amount"] == 12.5
+    assert row["typed__order_timestamp"] == datetime(2025, 4, 1, 11, 27, tzinfo=timezone.utc)
+    assert checked.schema["typed__order_timestamp"] == pl.Datetime("us", "UTC")
+    assert row["typed__date"] == "2025-04-01"
+
+
+def test_missing_column_names_the_column_and_other_columns_are_still_checked() -> None:
+    reasons = reasons_of(ORDERS, valid_order(total_amount=None, user_id="x"), missing=["total_amount"])
+    assert reasons == ["invalid:user_id", "missing_column:total_amount"]
+
+
+@pytest.mark.parametrize("column", [c.name for c in ORDER_ITEMS.columns if not c.nullable])
+def test_null_not_null_column_is_rejected(column: str) -> None:
+    reasons = reasons_of(ORDER_ITEMS, valid_item(**{column: ""}))
+    assert f"null:{column}" in reasons
+
+
+def test_whitespace_only_value_is_null() -> None:
+    assert reasons_of(PRODUCTS, valid_product(department="   ")) == ["null:department"]
+
+
+def test_null_days_since_prior_order_is_allowed() -> None:
+    assert reasons_of(ORDER_ITEMS, valid_item(days_since_prior_order="")) == []
+    assert reasons_of(ORDER_ITEMS, valid_item(days_since_prior_order=None)) == []
+
+
+@pytest.mark.parametrize("value", ["12x", "1.0", "1e3", "0x10", "99999999999", "2147483648", "--1", "1 2"])
+def test_invalid_integer(value: str) -> None:
+    assert reasons_of(ORDERS, valid_order(user_id=value)) == ["invalid:user_id"]
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("+7", 7), ("007", 7), (" 7 ", 7), ("2147483647", 2147483647)])
+def test_integer_accepts_sign_and_digits(value: str, parsed: int) -> None:
+    checked = validate(text_frame(ORDERS, [valid_order(user_id=value)]), ORDERS)
+    assert checked.get_column(REASONS).to_list() == [[]]
+    assert checked.get_column("typed__user_id").to_list() == [parsed]
+
+
+@pytest.mark.parametrize("value", ["NaN", "nan", "inf", "-inf", "Infinity", "abc", "1,5", "12.5.1"])
+def test_invalid_double(value: str) -> None:
+    assert reasons_of(ORDERS, valid_order(total_amount=value)) == ["invalid:total_amount"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2025-04-01 11:27:00",
+        "2025-04-01T11:27:00",
+        "2025-04-01T11:27:00.5",
+        "2025-04-01T11:27:00.123456",
+        "2025-04-01T11:27:00Z",
+        "2025-04-01T11:27:00+00:00",
+        "2025-04-01 11:27:00.000001Z",
+    ],
+)
+def test_timestamp_accepted_forms(value: str) -> None:
+    assert reasons_of(ORDERS, valid_order(order_timestamp=value)) == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2025-02-30T10:00:00",  # impossible date
+        "2025-04-01T24:00:00",
+        "2025-04-01T11:27:60",
+        "2025-04-01T11:27",
+        "2025-04-01T11:27:00.1234567",  # finer than microseconds
+        "2025-04-01T11:27:00+02:00",  # only UTC offsets are accepted
+        "01/04/2025 11:27:00",
+        "yesterday",
+    ],
+)
+def test_invalid_timestamp(value: str) -> None:
+    assert reasons_of(ORDERS, valid_order(order_timestamp=value)) == ["invalid:order_timestamp"]
+
+
+def test_fractional_timestamp_keeps_microseconds() -> None:
+    checked = validate(text_frame(ORDERS, [valid_order(order_timestamp="2025-04-01T11:27:00.000123Z")]), ORDERS)
+    assert checked.get_column("typed__order_timestamp").dt.microsecond().to_list() == [123]
+
+
+@pytest.mark.parametrize("value", ["2025-02-30", "2025-13-01", "2025-4-1", "20250401", "2025-04-01T00:00:00"])
+def test_invalid_date(value: str) -> None:
+    assert reasons_of(ORDERS, valid_order(date=value)) == ["invalid:date"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "row", "reason"),
+    [
+        (PRODUCTS, valid_product(product_id="0"), "range:product_id"),
+        (PRODUCTS, valid_product(department_id="-3"), "range:department_id"),
+        (ORDERS, valid_order(order_id="0"), "range:order_id"),
+        (ORDERS, valid_order(user_id="-1"), "range:user_id"),
+        (ORDERS, valid_order(order_num="0"), "range:order_num"),
+        (ORDERS, valid_order(total_amount="-0.01"), "range:total_amount"),
+        (ORDER_ITEMS, valid_item(id="0"), "range:id"),
+        (ORDER_ITEMS, valid_item(product_id="0"), "range:product_id"),
+        (ORDER_ITEMS, valid_item(add_to_cart_order="0"), "range:add_to_cart_order"),
+        (ORDER_ITEMS, valid_item(reordered="2"), "range:reordered"),
+        (ORDER_ITEMS, valid_item(days_since_prior_order="-1"), "range:days_since_prior_order"),
+    ],
+)
+def test_out_of_range_value(spec, row, reason) -> None:  # type: ignore[no-untyped-def]
+    assert reasons_of(spec, row) == [reason]
+
+
+def test_range_boundaries_are_inclusive_where_the_rule_says_so() -> None:
+    assert reasons_of(ORDERS, valid_order(total_amount="0")) == []
+    assert reasons_of(ORDER_ITEMS, valid_item(days_since_prior_order="0", add_to_cart_order="1", reordered="1")) == []
+
+
+def test_date_mismatch() -> None:
+    assert reasons_of(ORDERS, valid_order(date="2025-04-02")) == ["date_mismatch"]
+
+
+def test_date_mismatch_uses_the_utc_date() -> None:
+    assert reasons_of(ORDERS, valid_order(order_timestamp="2025-04-01T23:59:59Z", date="2025-04-01")) == []
+    assert reasons_of(ORDERS, valid_order(order_timestamp="2025-04-02 00:00:00", date="2025-04-01")) == [
+        "date_mismatch"
+    ]
+
+
+def test_no_date_mismatch_when_a_side_does_not_parse() -> None:
+    assert reasons_of(ORDERS, valid_order(date="2025-04-31")) == ["invalid:date"]
+
+
+def test_every_reason_that_applies_is_listed() -> None:
+    row = valid_item(id="", order_id="x", reordered="7", add_to_cart_order="0", date="2025-04-03")
+    assert reasons_of(ORDER_ITEMS, row) == [
+        "null:id",
+        "invalid:order_id",
+        "range:add_to_cart_order",
+        "range:reordered",
+        "date_mismatch",
+    ]
+
+
+def test_validate_keeps_every_row() -> None:
+    rows = [valid_order(order_id=str(i)) for i in range(1, 6)] + [valid_order(order_id="bad")]
+    checked = validate(text_frame(ORDERS, rows), ORDERS)
+    assert checked.height == 6
+    assert sorted(checked.get_column("order_id").to_list()) == sorted(["1", "2", "3", "4", "5", "bad"])
