@@ -271,6 +271,11 @@ def archive_batch(store: Store, manifest: Manifest, *, progress: Progress = _qui
                     raise InputFileError(f"cannot archive {store.uri(entry.key)}: it is gone and was never archived")
                 moved += 1
                 continue
+            if source.size != entry.size or source.version != entry.version:
+                raise InputFileError(
+                    f"{store.uri(entry.key)} changed after batch {manifest.batch_id} was snapshotted; "
+                    "it was not archived, since the batch did not process this content"
+                )
             progress(f"archiving {entry.key}")
             store.copy(entry.key, target)
             copied = store.stat(target)

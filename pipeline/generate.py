@@ -78,6 +78,7 @@ def _corrupt(text: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, shar
     if spec.date_of:
         kinds.append("date_mismatch")
     kinds += ["duplicate_row", "duplicate_key"]
+    kinds += [fk.reason for fk in spec.foreign_keys]
     kind_of = rng.integers(0, len(kinds), size=picked.size)
     columns = [c for c in spec.columns]
     column_of = rng.integers(0, len(columns), size=picked.size)
@@ -101,6 +102,10 @@ def _corrupt(text: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, shar
             elif kind == "range" and column.has_range_rule:
                 bad = "2" if column.allowed else ("-1" if column.at_least is not None else "0")
                 updates[column.name].append((chosen, bad))
+        for fk in spec.foreign_keys:
+            if kind == fk.reason:
+                # A well-formed id that no generated row has.
+                updates[fk.column].append((rows, "2000000000"))
         if kind == "date_mismatch" and spec.date_of:
             updates[spec.date_of[0]].append((rows, "2024-06-15"))
 

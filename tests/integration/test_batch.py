@@ -1,0 +1,255 @@
+"""Whole batches on a local root: accounting, rejected rows, archive, failures and re-runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline import batch as batch_module
+from pipeline import delta
+from pipeline.batch import LOCK_KEY, rejected_uri, run_batch, table_uri
+from pipeline.errors import BatchLockedError, MissingDatasetError, StepError
+from pipeline.generate import generate, generate_next_day
+from pipeline.manifest import unfinished_manifests
+from pipeline.specs import TABLES
+from pipeline.storage import open_store
+from tests.conftest import SHARED_SAMPLE
+from tests.helpers import write_raw
+
+RULES = {
+    "missing_column", "malformed_row", "null", "invalid", "range", "date_mismatch",
+    "duplicate_row", "duplicate_key", "unknown_order_id", "unknown_product_id",
+}
+
+
+def raw_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in (root / "raw").rglob("*.csv"))
+
+
+def table_state(root: Path) -> dict[str, pl.DataFrame]:
+    store = open_store(str(root))
+    return {
+        name: pl.read_delta(table_uri(store, name)).sort(spec.primary_key)
+        for name, spec in TABLES.items()
+        if (root / "lakehouse-dwh" / name).exists()
+    }
+
+
+def small_batch(root: Path) -> None:
+    write_raw(root, "products", "p.csv", "5,2,Books,Novel", "6,3,Toys,Ball", "6,3,Toys,Ball", "x,1,Home,Lamp")
+    write_raw(
+        root, "orders", "o.csv",
+        "1,10,7,2025-04-01T11:27:00,12.50,2025-04-01",
+        "2,11,7,2025-04-02T09:00:00,-3,2025-04-02",
+        "3,12,8,2025-04-02T09:00:00,5,2025-04-03",
+    )
+    write_raw(
+        root, "order_items", "i.csv",
+        "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01",
+        "2,10,7,3,99,2,1,2025-04-01T11:27:00,2025-04-01",
+        "3,11,7,3,5,1,0,2025-04-02T09:00:00,2025-04-02",
+        "4,10,7,3,5,2",
+    )
+
+
+def test_small_batch_writes_valid_rows_and_rejects_the_rest_with_reasons(root: Path) -> None:
+    small_batch(root)
+    report = run_batch(open_store(str(root)))
+    steps = {s.table: s for s in report.steps}
+    assert (steps["products"].inserted, steps["products"].rejected) == (2, 2)
+    assert (steps["orders"].inserted, steps["orders"].rejected) == (1, 2)
+    assert (steps["order_items"].inserted, steps["order_items"].rejected) == (1, 3)
+    assert report.table_counts == {"products": 2, "orders": 1, "order_items": 1}
+
+    rejected = pl.read_delta(rejected_uri(open_store(str(root)), "order_items")).sort("source_line")
+    assert rejected.select("id", "reject_reasons", "source_file", "source_line").rows() == [
+        ("2", ["unknown_product_id"], "raw/order_items/i.csv", 3),
+        ("3", ["unknown_order_id"], "raw/order_items/i.csv", 4),
+        (None, ["malformed_row"], "raw/order_items/i.csv", 5),
+    ]
+    assert rejected.get_column("raw_record").to_list()[-1] == "4,10,7,3,5,2"
+    assert rejected.get_column("batch_id").unique().to_list() == [report.batch_id]
+    assert rejected.schema["rejected_at"] == pl.Datetime("us", "UTC")
+
+    orders_rejected = pl.read_delta(rejected_uri(open_store(str(root)), "orders")).sort("source_line")
+    assert orders_rejected.select("total_amount", "date", "reject_reasons").rows() == [
+        ("-3", "2025-04-02", ["range:total_amount"]),
+        ("5", "2025-04-03", ["date_mismatch"]),
+    ]
+    products_rejected = pl.read_delta(rejected_uri(open_store(str(root)), "products")).sort("source_line")
+    assert products_rejected.get_column("reject_reasons").to_list() == [["duplicate_row"], ["invalid:product_id"]]
+
+
+def test_generated_batch_accounts_for_every_row_and_covers_every_rule(root: Path) -> None:
+    store = open_store(str(root))
+    generated = generate(store, scale=0.002, seed=7)
+    report = run_batch(store)
+    seen_rules = set()
+    for step in report.steps:
+        table_rows = delta.count_rows(table_uri(store, step.table))
+        rejected_rows = pl.read_delta(rejected_uri(store, step.table)).height
+        assert step.rows_in == step.inserted + step.rejected
+        assert table_rows + rejected_rows == step.rows_in, step.table
+        assert rejected_rows == step.rejected == sum(step.rejected_by_reason.values()) - _multi(store, step.table)
+        seen_rules |= {reason.split(":")[0] for reason in step.rejected_by_reason}
+    assert seen_rules == RULES
+    assert sum(s.rows_in for s in report.steps) > sum(generated.rows.values())
+    assert raw_files(root) == []
+    assert len(list((root / "archived").rglob("*.csv"))) == len(generated.files)
+    assert (root / "reports" / f"{report.batch_id}.json").exists()
+    assert (root / "manifests" / f"{report.batch_id}.json").exists()
+
+
+def _multi(store, table: str) -> int:  # type: ignore[no-untyped-def]
+    """Reasons beyond the first on rows rejected for several reasons at once."""
+    reasons = pl.read_delta(rejected_uri(store, table)).get_column("reject_reasons").list.len()
+    return int((reasons - 1).sum())
+
+
+def test_same_files_again_change_nothing(root: Path) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.001, seed=3)
+    first = run_batch(store)
+    before = table_state(root)
+    versions = {s.table: s.delta_version for s in first.steps}
+    for path in (root / "archived").rglob("*.csv"):
+        table = path.relative_to(root / "archived").parts[0]
+        shutil.copy(path, root / "raw" / table / path.name)
+    second = run_batch(store)
+    assert [(s.inserted, s.updated) for s in second.steps] == [(0, 0)] * 3
+    assert {s.table: s.delta_version for s in second.steps} == versions
+    for name, frame in table_state(root).items():
+        assert frame.equals(before[name]), name
+
+
+def test_next_day_batch_inserts_updates_and_replays_idempotently(root: Path) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.002, seed=5, dirty=False)
+    run_batch(store)
+    generate_next_day(store, scale=0.002, seed=5, dirty=False)
+    day = run_batch(store)
+    steps = {s.table: s for s in day.steps}
+    assert steps["orders"].inserted > 0 and steps["orders"].updated > 0
+    assert steps["products"].updated > 0
+    assert steps["order_items"].inserted > 0
+    assert all(s.rejected == 0 for s in day.steps)
+    versions = {s.table: s.delta_version for s in day.steps}
+    for path in (root / "archived").rglob(f"*/{day.batch_id}/*.csv"):
+        table = path.relative_to(root / "archived").parts[0]
+        shutil.copy(path, root / "raw" / table / path.name)
+    replay = run_batch(store)
+    assert {s.table: s.delta_version for s in replay.steps} == versions
+    assert all(s.unchanged == s.rows_in for s in replay.steps)
+
+
+def test_missing_dataset_processes_nothing(root: Path) -> None:
+    write_raw(root, "products", "p.csv", "5,2,Books,Novel")
+    write_raw(root, "order_items", "i.csv", "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01")
+    with pytest.raises(MissingDatasetError, match="raw/orders/"):
+        run_batch(open_store(str(root)))
+    assert raw_files(root) == ["raw/order_items/i.csv", "raw/products/p.csv"]
+    assert not (root / "manifests").exists() or not list((root / "manifests").glob("*.json"))
+    assert not (root / "lakehouse-dwh").exists()
+
+
+def test_non_csv_files_do_not_count_as_a_dataset(root: Path) -> None:
+    small_batch(root)
+    (root / "raw" / "orders" / "o.csv").rename(root / "raw" / "orders" / "o.txt")
+    with pytest.raises(MissingDatasetError, match="raw/orders/"):
+        run_batch(open_store(str(root)))
+
+
+def test_failure_part_way_keeps_raw_files_and_a_rerun_resumes(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.001, seed=11)
+    files = raw_files(root)
+    real_merge = delta.merge_rows
+
+    def failing_merge(uri, rows, spec):  # type: ignore[no-untyped-def]
+        if spec.name == "order_items":
+            raise OSError("disk full")
+        return real_merge(uri, rows, spec)
+
+    monkeypatch.setattr(delta, "merge_rows", failing_merge)
+    with pytest.raises(StepError, match="step order_items failed: OSError: disk full"):
+        run_batch(store)
+    assert raw_files(root) == files
+    assert store.stat(LOCK_KEY) is None
+    (pending,) = unfinished_manifests(store)
+    committed = table_state(root)
+    assert set(committed) == {"products", "orders"}
+
+    monkeypatch.setattr(delta, "merge_rows", real_merge)
+    report = run_batch(store)
+    assert report.batch_id == pending.batch_id
+    assert raw_files(root) == []
+    assert table_state(root)["orders"].equals(committed["orders"])
+    for step in report.steps:
+        rejected = pl.read_delta(rejected_uri(store, step.table))
+        assert rejected.height == step.rejected, f"{step.table} rejected rows duplicated by the re-run"
+
+
+def test_archive_failure_leaves_the_rest_in_raw_and_a_rerun_finishes(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.001, seed=12)
+    files = raw_files(root)
+    calls = {"n": 0}
+    real_delete = type(store).delete
+
+    def flaky_delete(self, key):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("network down")
+        return real_delete(self, key)
+
+    monkeypatch.setattr(type(store), "delete", flaky_delete)
+    with pytest.raises(StepError, match="step archive failed"):
+        run_batch(store)
+    assert len(raw_files(root)) == len(files) - 1
+    monkeypatch.setattr(type(store), "delete", real_delete)
+    store.delete(LOCK_KEY)  # the patched delete could not release it
+    report = run_batch(store)
+    assert report.archived_files == len(files)
+    assert raw_files(root) == []
+
+
+def test_a_second_run_waits_for_the_lock(root: Path) -> None:
+    small_batch(root)
+    store = open_store(str(root))
+    store.write_bytes(LOCK_KEY, b'{"batch": "other", "pid": 1, "host": "h", "since": "t"}')
+    with pytest.raises(BatchLockedError, match="another run holds the lock"):
+        run_batch(store)
+    assert len(raw_files(root)) == 3
+
+
+def test_a_file_changed_after_the_snapshot_is_refused(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small_batch(root)
+    store = open_store(str(root))
+
+    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("boom")
+
+    monkeypatch.setattr(batch_module, "archive_batch", fail)
+    with pytest.raises(StepError):
+        run_batch(store)
+    monkeypatch.undo()
+    write_raw(root, "orders", "o.csv", "1,10,7,2025-04-01T11:27:00,99.00,2025-04-01")
+    with pytest.raises(StepError, match="raw/orders/o.csv changed after batch"):
+        run_batch(store)
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason="../shared/data/original-sample is not present")
+def test_original_public_sample_loads_whole(root: Path) -> None:
+    for table in TABLES:
+        (root / "raw" / table).mkdir(parents=True)
+        shutil.copy(SHARED_SAMPLE / f"{table}.csv", root / "raw" / table / f"{table}.csv")
+    report = run_batch(open_store(str(root)))
+    assert {s.table: (s.rows_in, s.inserted, s.rejected) for s in report.steps} == {
+        "products": (1000, 1000, 0),
+        "orders": (7500, 7500, 0),
+        "order_items": (40803, 40803, 0),
+    }
+    assert report.table_counts == {"products": 1000, "orders": 7500, "order_items": 40803}

@@ -1,0 +1,65 @@
+"""The lakehouse command as a user meets it: help, summaries, and one-sentence errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import delta
+from pipeline.batch import table_uri
+from pipeline.cli import main
+from pipeline.storage import open_store
+
+
+def run_cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize("command", ["generate", "run", "step", "query", "unlock"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(command, "--help") == 0
+    assert "--root" in capsys.readouterr().out
+
+
+def test_generate_run_and_query(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("generate", "--root", str(root), "--scale", "0.001", "--seed", "1") == 0
+    assert run_cli("run", "--root", str(root)) == 0
+    output = capsys.readouterr().out
+    assert "rows per table" in output and "order_items" in output and "succeeded" in output
+    assert run_cli("query", "--root", str(root), "SELECT COUNT(*) AS n, 'marker' AS m FROM orders") == 0
+    printed = capsys.readouterr().out
+    assert "marker" in printed
+    stored = delta.count_rows(table_uri(open_store(str(root)), "orders"))
+    assert f" {stored} " in printed
+    assert run_cli("query", "--root", str(root), "SELECT * FROM nowhere") == 1
+    error = capsys.readouterr().err
+    assert "query failed" in error and "Traceback" not in error
+
+
+def test_missing_dataset_is_one_sentence_and_exit_1(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("run", "--root", str(root)) == 1
+    error = capsys.readouterr().err
+    assert "no batch started" in error and "raw/products/" in error
+    assert "Traceback" not in error
+
+
+def test_unknown_table_is_a_clear_error(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("step", "customers", "--root", str(root), "--manifest", "x") == 1
+    assert "unknown table 'customers'" in capsys.readouterr().err
+
+
+def test_bad_root_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("run", "--root", "gs://bucket") == 1
+    assert "neither a local folder nor an s3:// URL" in capsys.readouterr().err
+
+
+def test_python_dash_m_pipeline_works() -> None:
+    done = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "generate" in done.stdout

@@ -1,0 +1,73 @@
+"""The same batch on an S3 bucket served by a moto server on 127.0.0.1."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import boto3
+import polars as pl
+import pytest
+
+from pipeline import delta
+from pipeline.batch import rejected_uri, run_batch, run_step, table_uri
+from pipeline.cli import main
+from pipeline.errors import MissingDatasetError
+from pipeline.generate import generate
+from pipeline.manifest import new_batch_id, snapshot
+from pipeline.query import run_query
+from pipeline.specs import TABLES
+from pipeline.storage import open_store
+
+pytestmark = pytest.mark.slow
+
+
+def keys(root: str, prefix: str) -> list[str]:
+    bucket, _, base = root[len("s3://") :].partition("/")
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"{base}/{prefix}")
+    return [obj["Key"][len(base) + 1 :] for obj in listing.get("Contents", [])]
+
+
+def test_full_run_on_s3(s3_root: str) -> None:
+    store = open_store(s3_root)
+    generated = generate(store, scale=0.001, seed=21)
+    report = run_batch(store)
+    for step in report.steps:
+        stored = delta.count_rows(table_uri(store, step.table))
+        rejected = pl.read_delta(rejected_uri(store, step.table), storage_options=_options()).height
+        assert stored + rejected == step.rows_in
+    assert keys(s3_root, "raw/") == []
+    assert len([k for k in keys(s3_root, "archived/") if k.endswith(".csv")]) == len(generated.files)
+    assert f"reports/{report.batch_id}.json" in keys(s3_root, "reports/")
+    counts = run_query(store, "SELECT COUNT(*) AS n FROM orders").item()
+    assert counts == report.table_counts["orders"]
+    assert run_query(store, "SELECT COUNT(*) FROM orders WHERE date = '2099-01-01'").item() == 0
+
+
+def test_step_command_runs_one_table_of_a_manifest(s3_root: str) -> None:
+    store = open_store(s3_root)
+    generate(store, scale=0.001, seed=22)
+    now = datetime.now(timezone.utc)
+    manifest = snapshot(store, new_batch_id(now), now)
+    store.write_bytes(manifest.key, manifest.to_json())
+    main(["step", "products", "--root", s3_root, "--manifest", store.uri(manifest.key)])
+    assert delta.count_rows(table_uri(store, "products")) > 0
+    assert delta.count_rows(table_uri(store, "orders")) == 0
+    assert f"reports/{manifest.batch_id}/products.json" in keys(s3_root, "reports/")
+    for name in ("orders", "order_items"):
+        run_step(store, manifest, TABLES[name])
+    assert delta.count_rows(table_uri(store, "order_items")) > 0
+    assert len(keys(s3_root, "raw/")) == sum(len(f) for f in manifest.files.values())
+
+
+def test_missing_dataset_on_s3(s3_root: str) -> None:
+    store = open_store(s3_root)
+    store.write_bytes("raw/products/p.csv", b"product_id,department_id,department,product_name\n1,2,a,b\n")
+    with pytest.raises(MissingDatasetError, match="raw/orders/, raw/order_items/"):
+        run_batch(store)
+    assert keys(s3_root, "raw/") == ["raw/products/p.csv"]
+
+
+def _options() -> dict[str, str]:
+    from pipeline.settings import load_settings
+
+    return load_settings().delta_storage_options()
