@@ -1,3 +1,3 @@
-"""E-commerce lakehouse: raw CSVs to validated, deduplicated, partitioned Delta tables with Polars and delta-rs."""
+"""E-commerce lakehouse: raw CSVs to validated, partitioned Delta tables with Polars and delta-rs."""
 
 __version__ = "0.1.0"

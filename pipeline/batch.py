@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from functools import partial
+from typing import Any, Callable, TypeVar
 
 import polars as pl
 
@@ -44,6 +45,7 @@ REJECTED = "rejected"
 LOCK_KEY = f"{MANIFESTS}/_lock.json"
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 def _quiet(_: str) -> None:
@@ -70,8 +72,8 @@ class StepReport:
     unchanged: int
     rejected: int
     rejected_by_reason: dict[str, int]
-    delta_version: Optional[int]
-    rejected_version: Optional[int]
+    delta_version: int | None
+    rejected_version: int | None
     seconds: float
     extra_columns: dict[str, list[str]] = field(default_factory=dict)
     empty_files: list[str] = field(default_factory=list)
@@ -144,7 +146,12 @@ def _malformed_rows(malformed: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
 
 
 def run_step(
-    store: Store, manifest: Manifest, spec: TableSpec, *, progress: Progress = _quiet, now: Optional[datetime] = None
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    *,
+    progress: Progress = _quiet,
+    now: datetime | None = None,
 ) -> StepReport:
     """Validate, deduplicate and integrity-check one table's files of a batch, then MERGE them.
 
@@ -158,7 +165,6 @@ def run_step(
     extra_columns: dict[str, list[str]] = {}
     empty_files: list[str] = []
     rows_in = 0
-    typed_names = [typed(name) for name in spec.column_names]
 
     for file_index, entry in enumerate(manifest.files[spec.name]):
         key, _ = _locate(store, spec.name, batch_id, entry)
@@ -201,12 +207,15 @@ def run_step(
 
     rejected_at = now or datetime.now(timezone.utc)
     rejected = (
-        pl.concat([part for part in rejected_parts if part.height]) if any(p.height for p in rejected_parts) else None
+        pl.concat([part for part in rejected_parts if part.height])
+        if any(p.height for p in rejected_parts)
+        else None
     )
     rejected_rows = 0 if rejected is None else rejected.height
     if rows.height + rejected_rows != rows_in:
         raise LakehouseError(
-            f"{spec.name}: {rows_in} rows read but {rows.height} kept and {rejected_rows} rejected; refusing to write"
+            f"{spec.name}: {rows_in} rows read but {rows.height} kept and {rejected_rows} rejected; "
+            "refusing to write"
         )
 
     reasons: Counter[str] = Counter()
@@ -248,7 +257,7 @@ def save_step_report(store: Store, batch_id: str, report: StepReport) -> None:
     store.write_bytes(step_report_key(batch_id, report.table), json.dumps(asdict(report), indent=2).encode())
 
 
-def load_step_report(store: Store, batch_id: str, table: str) -> Optional[StepReport]:
+def load_step_report(store: Store, batch_id: str, table: str) -> StepReport | None:
     key = step_report_key(batch_id, table)
     if store.stat(key) is None:
         return None
@@ -268,7 +277,9 @@ def archive_batch(store: Store, manifest: Manifest, *, progress: Progress = _qui
             source = store.stat(entry.key)
             if source is None:
                 if store.stat(target) is None:
-                    raise InputFileError(f"cannot archive {store.uri(entry.key)}: it is gone and was never archived")
+                    raise InputFileError(
+                        f"cannot archive {store.uri(entry.key)}: it is gone and was never archived"
+                    )
                 moved += 1
                 continue
             if source.size != entry.size or source.version != entry.version:
@@ -280,7 +291,9 @@ def archive_batch(store: Store, manifest: Manifest, *, progress: Progress = _qui
             store.copy(entry.key, target)
             copied = store.stat(target)
             if copied is None or copied.size != source.size:
-                raise InputFileError(f"archiving {store.uri(entry.key)}: the copy at {store.uri(target)} is incomplete")
+                raise InputFileError(
+                    f"archiving {store.uri(entry.key)}: the copy at {store.uri(target)} is incomplete"
+                )
             store.delete(entry.key)
             moved += 1
     return moved
@@ -299,8 +312,12 @@ def check_tables(store: Store) -> dict[str, int]:
 def batch_lock(store: Store, batch_hint: str) -> Iterator[None]:
     """Hold the root's batch lock so two runs never process the same files."""
     claim = json.dumps(
-        {"batch": batch_hint, "host": socket.gethostname(), "pid": os.getpid(),
-         "since": datetime.now(timezone.utc).isoformat()}
+        {
+            "batch": batch_hint,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": datetime.now(timezone.utc).isoformat(),
+        }
     ).encode()
     if not store.write_bytes(LOCK_KEY, claim, if_absent=True):
         try:
@@ -318,7 +335,7 @@ def batch_lock(store: Store, batch_hint: str) -> Iterator[None]:
         store.delete(LOCK_KEY)
 
 
-def run_batch(store: Store, *, progress: Progress = _quiet, now: Optional[datetime] = None) -> BatchReport:
+def run_batch(store: Store, *, progress: Progress = _quiet, now: datetime | None = None) -> BatchReport:
     """Process one batch: resume the unfinished one if there is one, else snapshot ``raw/``.
 
     Any failure raises with the step named; raw files stay in ``raw/`` until every step has
@@ -341,12 +358,12 @@ def run_batch(store: Store, *, progress: Progress = _quiet, now: Optional[dateti
         for spec in TABLES.values():
             report = load_step_report(store, manifest.batch_id, spec.name)
             if report is None:
-                report = _guard(spec.name, lambda spec=spec: run_step(store, manifest, spec, progress=progress))
+                report = _guard(spec.name, partial(run_step, store, manifest, spec, progress=progress))
                 save_step_report(store, manifest.batch_id, report)
             steps.append(report)
         archived = _guard("archive", lambda: archive_batch(store, manifest, progress=progress))
         counts = _guard("checks", lambda: check_tables(store))
-        report = BatchReport(
+        batch_report = BatchReport(
             batch_id=manifest.batch_id,
             status="succeeded",
             started_at=started_at.isoformat(),
@@ -356,11 +373,11 @@ def run_batch(store: Store, *, progress: Progress = _quiet, now: Optional[dateti
             archived_files=archived,
             table_counts=counts,
         )
-        store.write_bytes(report_key(manifest.batch_id), report.to_json())
-        return report
+        store.write_bytes(report_key(manifest.batch_id), batch_report.to_json())
+        return batch_report
 
 
-def _guard(step: str, action: Callable[[], Any]) -> Any:
+def _guard(step: str, action: Callable[[], T]) -> T:
     try:
         return action()
     except StepError:

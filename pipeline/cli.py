@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Callable
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import LakehouseError, describe
+
+if TYPE_CHECKING:
+    from rich.status import Status
+
+    from pipeline.batch import BatchReport, StepReport
 
 app = typer.Typer(
     help="E-commerce lakehouse: raw CSVs -> validated, deduplicated, partitioned Delta tables.",
@@ -22,17 +27,21 @@ console = Console(stderr=True)
 out = Console()
 _state = {"debug": False}
 
-ROOT_HELP = "Lakehouse root: a local folder or s3://bucket[/prefix] (endpoint and credentials from AWS_* variables)."
+ROOT_HELP = (
+    "Lakehouse root: a local folder or s3://bucket[/prefix] (endpoint and credentials from AWS_* variables)."
+)
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+) -> None:
     _state["debug"] = debug
 
 
-def _progress(status: object) -> object:
+def _progress(status: Status) -> Callable[[str], None]:
     def report(message: str) -> None:
-        status.update(f"[bold]{message}")  # type: ignore[attr-defined]
+        status.update(f"[bold]{message}")
 
     return report
 
@@ -40,9 +49,13 @@ def _progress(status: object) -> object:
 @app.command()
 def generate(
     root: str = typer.Option(..., "--root", help=ROOT_HELP),
-    scale: float = typer.Option(0.01, "--scale", help="1.0 is the Instacart size (3.4 M orders, 33.8 M items)."),
+    scale: float = typer.Option(
+        0.01, "--scale", help="1.0 is the Instacart size (3.4 M orders, 33.8 M items)."
+    ),
     seed: int = typer.Option(42, "--seed", help="Random seed: the same seed writes the same files."),
-    next_day: bool = typer.Option(False, "--next-day", help="Write the next day's batch for the loaded lake."),
+    next_day: bool = typer.Option(
+        False, "--next-day", help="Write the next day's batch for the loaded lake."
+    ),
     clean: bool = typer.Option(False, "--clean", help="Write no dirty rows."),
 ) -> None:
     """Write Instacart-like CSVs (about 1% dirty rows) into ROOT/raw/<table>/."""
@@ -53,7 +66,7 @@ def generate(
     store = open_store(root)
     with console.status("generating") as status:
         action = generate_next_day if next_day else generate_full
-        result = action(store, scale=scale, seed=seed, dirty=not clean, progress=_progress(status))  # type: ignore[arg-type]
+        result = action(store, scale=scale, seed=seed, dirty=not clean, progress=_progress(status))
     for table, rows in result.rows.items():
         out.print(f"{table}: {rows:,} rows")
     out.print(f"{len(result.files)} files written under {store.uri('raw/')}")
@@ -67,7 +80,7 @@ def run(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
 
     store = open_store(root)
     with console.status("starting") as status:
-        report = run_batch(store, progress=_progress(status))  # type: ignore[arg-type]
+        report = run_batch(store, progress=_progress(status))
     _print_summary(report)
 
 
@@ -75,7 +88,9 @@ def run(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
 def step(
     table: str = typer.Argument(..., help="products, orders or order_items."),
     root: str = typer.Option(..., "--root", help=ROOT_HELP),
-    manifest: str = typer.Option(..., "--manifest", help="The batch manifest: a key under ROOT, its full URI, or a batch id."),
+    manifest: str = typer.Option(
+        ..., "--manifest", help="The batch manifest: a key under ROOT, its full URI, or a batch id."
+    ),
 ) -> None:
     """Run one table's step of a batch (what a Fargate task or Glue job runs)."""
     from pipeline.batch import run_step, save_step_report
@@ -89,7 +104,7 @@ def step(
     batch = read_manifest(store, manifest)
     with console.status(f"{table}") as status:
         try:
-            report = run_step(store, batch, spec, progress=_progress(status))  # type: ignore[arg-type]
+            report = run_step(store, batch, spec, progress=_progress(status))
         except LakehouseError as error:
             raise StepError(table, error) from error
     save_step_report(store, batch.batch_id, report)
@@ -129,14 +144,31 @@ def unlock(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
     out.print(f"removed the lock of {store.root}")
 
 
-def _print_steps(steps: list) -> None:  # type: ignore[type-arg]
+def _print_steps(steps: list[StepReport]) -> None:
     table = Table(title="rows per table")
-    for header in ("table", "files", "rows in", "inserted", "updated", "unchanged", "rejected", "delta version", "seconds"):
+    for header in (
+        "table",
+        "files",
+        "rows in",
+        "inserted",
+        "updated",
+        "unchanged",
+        "rejected",
+        "delta version",
+        "seconds",
+    ):
         table.add_column(header, justify="left" if header == "table" else "right")
     for s in steps:
         table.add_row(
-            s.table, str(s.files), f"{s.rows_in:,}", f"{s.inserted:,}", f"{s.updated:,}", f"{s.unchanged:,}",
-            f"{s.rejected:,}", "-" if s.delta_version is None else str(s.delta_version), f"{s.seconds:.2f}",
+            s.table,
+            str(s.files),
+            f"{s.rows_in:,}",
+            f"{s.inserted:,}",
+            f"{s.updated:,}",
+            f"{s.unchanged:,}",
+            f"{s.rejected:,}",
+            "-" if s.delta_version is None else str(s.delta_version),
+            f"{s.seconds:.2f}",
         )
     out.print(table)
     reasons = Table(title="rejected rows by reason")
@@ -153,16 +185,16 @@ def _print_steps(steps: list) -> None:  # type: ignore[type-arg]
         out.print(reasons)
 
 
-def _print_summary(report: object) -> None:
-    _print_steps(report.steps)  # type: ignore[attr-defined]
+def _print_summary(report: BatchReport) -> None:
+    _print_steps(report.steps)
     out.print(
-        f"batch {report.batch_id} {report.status} in {report.seconds:.1f} s; "  # type: ignore[attr-defined]
-        f"{report.archived_files} files archived; rows now: "  # type: ignore[attr-defined]
-        + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items())  # type: ignore[attr-defined]
+        f"batch {report.batch_id} {report.status} in {report.seconds:.1f} s; "
+        f"{report.archived_files} files archived; rows now: "
+        + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items())
     )
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: errors become one clear sentence and a non-zero exit code."""
     try:
         app(args=argv, standalone_mode=False)
@@ -184,5 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(error.exit_code)
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {describe(error)} (run with --debug for the traceback)", highlight=False)
+        console.print(
+            f"[red]error:[/red] {describe(error)} (run with --debug for the traceback)", highlight=False
+        )
         sys.exit(1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import polars as pl
 from deltalake import DeltaTable, write_deltalake
@@ -24,14 +24,14 @@ class MergeResult:
 
     inserted: int
     updated: int
-    version: Optional[int]
+    version: int | None
 
 
 def _options() -> dict[str, str]:
     return load_settings().delta_storage_options()
 
 
-def open_table(uri: str) -> Optional[DeltaTable]:
+def open_table(uri: str) -> DeltaTable | None:
     """The Delta table at ``uri``, or None when there is none yet."""
     try:
         return DeltaTable(uri, storage_options=_options())
@@ -39,7 +39,7 @@ def open_table(uri: str) -> Optional[DeltaTable]:
         return None
 
 
-def table_version(uri: str) -> Optional[int]:
+def table_version(uri: str) -> int | None:
     """The current version of the table at ``uri`` (None: no table)."""
     table = open_table(uri)
     return None if table is None else table.version()
@@ -68,8 +68,13 @@ def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
     table = open_table(uri)
     try:
         if table is None:
-            write_deltalake(uri, rows.to_arrow(), mode="append", partition_by=[spec.partition_by],
-                            storage_options=_options())
+            write_deltalake(
+                uri,
+                rows.to_arrow(),
+                mode="append",
+                partition_by=[spec.partition_by],
+                storage_options=_options(),
+            )
             return MergeResult(rows.height, 0, table_version(uri))
 
         key, part = spec.primary_key, spec.partition_by
@@ -77,7 +82,9 @@ def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
         partitions |= set(_partitions_of_keys(table, spec, rows.get_column(key)))
         predicate = f"t.{key} = s.{key} AND {_in_list(part, sorted(partitions))}"
 
-        changed = " OR ".join(f"(t.{name} IS DISTINCT FROM s.{name})" for name in spec.column_names if name != key)
+        changed = " OR ".join(
+            f"(t.{name} IS DISTINCT FROM s.{name})" for name in spec.column_names if name != key
+        )
         condition = f"({changed})"
         if spec.order_by:
             condition = f"s.{spec.order_by} >= t.{spec.order_by} AND {condition}"
@@ -88,7 +95,9 @@ def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
             .execute()
         )
     except CommitFailedError as error:
-        raise CommitConflictError(f"another writer committed to {uri} first; retry the step ({error})") from error
+        raise CommitConflictError(
+            f"another writer committed to {uri} first; retry the step ({error})"
+        ) from error
     return MergeResult(
         int(metrics.get("num_target_rows_inserted", 0)),
         int(metrics.get("num_target_rows_updated", 0)),
@@ -108,7 +117,7 @@ def _partitions_of_keys(table: DeltaTable, spec: TableSpec, keys: pl.Series) -> 
     return found.to_series().to_list()
 
 
-def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> Optional[int]:
+def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:
     """Append ``rows`` of one batch to the table at ``uri``, replacing what that batch wrote before.
 
     Re-running a batch therefore never duplicates its rows. The table is partitioned by ``batch_column``.
@@ -118,16 +127,23 @@ def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch
         # The batch's inputs are pinned by its manifest, so an earlier attempt rejected nothing either.
         return None if table is None else table.version()
     try:
-        write_deltalake(
-            uri,
-            rows.to_arrow(),
-            mode="overwrite" if table is not None else "append",
-            predicate=f"{batch_column} = {_literal(batch_id)}" if table is not None else None,
-            partition_by=[batch_column],
-            storage_options=_options(),
-        )
+        if table is None:
+            write_deltalake(
+                uri, rows.to_arrow(), mode="append", partition_by=[batch_column], storage_options=_options()
+            )
+        else:
+            write_deltalake(
+                uri,
+                rows.to_arrow(),
+                mode="overwrite",
+                predicate=f"{batch_column} = {_literal(batch_id)}",
+                partition_by=[batch_column],
+                storage_options=_options(),
+            )
     except CommitFailedError as error:
-        raise CommitConflictError(f"another writer committed to {uri} first; retry the step ({error})") from error
+        raise CommitConflictError(
+            f"another writer committed to {uri} first; retry the step ({error})"
+        ) from error
     return table_version(uri)
 
 
@@ -146,7 +162,7 @@ def existing_values(uri: str, column: str, candidates: pl.Series) -> pl.Series:
     )
 
 
-def scan(uri: str) -> Optional[pl.LazyFrame]:
+def scan(uri: str) -> pl.LazyFrame | None:
     """A lazy scan of the table at ``uri`` (None: no table)."""
     table = open_table(uri)
     return None if table is None else _scan(table)

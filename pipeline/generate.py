@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -34,14 +34,60 @@ PART_ROWS = 5_000_000
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 DEPARTMENTS = (
-    "frozen", "other", "bakery", "produce", "alcohol", "international", "beverages", "pets",
-    "dry goods pasta", "bulk", "personal care", "meat seafood", "pantry", "breakfast", "canned goods",
-    "dairy eggs", "household", "babies", "snacks", "deli", "missing",
+    "frozen",
+    "other",
+    "bakery",
+    "produce",
+    "alcohol",
+    "international",
+    "beverages",
+    "pets",
+    "dry goods pasta",
+    "bulk",
+    "personal care",
+    "meat seafood",
+    "pantry",
+    "breakfast",
+    "canned goods",
+    "dairy eggs",
+    "household",
+    "babies",
+    "snacks",
+    "deli",
+    "missing",
 )
 WORDS = (
-    "Organic", "Banana", "Whole", "Milk", "Greek", "Yogurt", "Baby", "Spinach", "Large", "Avocado",
-    "Sparkling", "Water", "Honey", "Crisp", "Apple", "Sea", "Salt", "Chips", "Extra", "Virgin", "Olive",
-    "Oil", "Free", "Range", "Eggs", "Dark", "Chocolate", "Almond", "Butter", "Sourdough", "Bread",
+    "Organic",
+    "Banana",
+    "Whole",
+    "Milk",
+    "Greek",
+    "Yogurt",
+    "Baby",
+    "Spinach",
+    "Large",
+    "Avocado",
+    "Sparkling",
+    "Water",
+    "Honey",
+    "Crisp",
+    "Apple",
+    "Sea",
+    "Salt",
+    "Chips",
+    "Extra",
+    "Virgin",
+    "Olive",
+    "Oil",
+    "Free",
+    "Range",
+    "Eggs",
+    "Dark",
+    "Chocolate",
+    "Almond",
+    "Butter",
+    "Sourdough",
+    "Bread",
 )
 
 Progress = Callable[[str], None]
@@ -62,7 +108,9 @@ def _part_name(table: str, label: str) -> str:
 def _to_text(frame: pl.DataFrame) -> pl.DataFrame:
     """Every column as the text a CSV producer would write."""
     return frame.select(
-        pl.col(name).dt.strftime(TIMESTAMP_FORMAT) if dtype == pl.Datetime("us", "UTC") else pl.col(name).cast(pl.String)
+        pl.col(name).dt.strftime(TIMESTAMP_FORMAT)
+        if dtype == pl.Datetime("us", "UTC")
+        else pl.col(name).cast(pl.String)
         for name, dtype in frame.schema.items()
     )
 
@@ -70,7 +118,7 @@ def _to_text(frame: pl.DataFrame) -> pl.DataFrame:
 def _corrupt(text: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, share: float) -> pl.DataFrame:
     """Break about ``share`` of the rows, each in one way, and add duplicate rows and keys."""
     n = text.height
-    count = int(round(n * share))
+    count = round(n * share)
     if count == 0 or n < 10:
         return text
     picked = rng.choice(n, size=min(count, n), replace=False)
@@ -95,8 +143,13 @@ def _corrupt(text: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, shar
             if kind == "null" and not column.nullable:
                 updates[column.name].append((chosen, ""))
             elif kind == "invalid":
-                bad = {"int": "12x", "double": "NaN", "timestamp": "2025-02-30T10:00:00", "date": "2025-13-01",
-                       "string": None}[column.type]
+                bad = {
+                    "int": "12x",
+                    "double": "NaN",
+                    "timestamp": "2025-02-30T10:00:00",
+                    "date": "2025-13-01",
+                    "string": None,
+                }[column.type]
                 if bad is not None:
                     updates[column.name].append((chosen, bad))
             elif kind == "range" and column.has_range_rule:
@@ -111,7 +164,10 @@ def _corrupt(text: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, shar
 
     broken = text.with_columns(
         pl.coalesce(
-            *(pl.when(row_index.is_in(pl.Series(chosen).implode())).then(pl.lit(value)) for chosen, value in pending),
+            *(
+                pl.when(row_index.is_in(pl.Series(chosen).implode())).then(pl.lit(value))
+                for chosen, value in pending
+            ),
             pl.col(name),
         ).alias(name)
         for name, pending in updates.items()
@@ -121,10 +177,17 @@ def _corrupt(text: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, shar
     key_copies = text[picked[np.asarray(kind_of) == kinds.index("duplicate_key")].tolist()]
     changed = next((c.name for c in spec.columns if c.type == "string" and c.name != spec.partition_by), None)
     if changed is None:
-        changed = next(c.name for c in spec.columns if c.type == "double") if any(
-            c.type == "double" for c in spec.columns
-        ) else next(c.name for c in spec.columns if c.name not in (spec.primary_key, spec.partition_by, spec.order_by)
-                    and c.type == "int" and not c.allowed)
+        changed = (
+            next(c.name for c in spec.columns if c.type == "double")
+            if any(c.type == "double" for c in spec.columns)
+            else next(
+                c.name
+                for c in spec.columns
+                if c.name not in (spec.primary_key, spec.partition_by, spec.order_by)
+                and c.type == "int"
+                and not c.allowed
+            )
+        )
     key_copies = key_copies.with_columns((pl.col(changed) + pl.lit("9")).alias(changed))
     return pl.concat([broken, duplicate_rows, key_copies])
 
@@ -160,9 +223,9 @@ def _products(rng: np.random.Generator, ids: np.ndarray) -> pl.DataFrame:
     ).select(
         "product_id",
         "department_id",
-        pl.col("department_id").replace_strict(
-            list(range(1, len(DEPARTMENTS) + 1)), list(DEPARTMENTS), return_dtype=pl.String
-        ).alias("department"),
+        pl.col("department_id")
+        .replace_strict(list(range(1, len(DEPARTMENTS) + 1)), list(DEPARTMENTS), return_dtype=pl.String)
+        .alias("department"),
         pl.format(
             "{} {}",
             pl.col("w1").replace_strict(list(range(len(WORDS))), list(WORDS), return_dtype=pl.String),
@@ -171,7 +234,9 @@ def _products(rng: np.random.Generator, ids: np.ndarray) -> pl.DataFrame:
     )
 
 
-def _orders(rng: np.random.Generator, first_id: int, count: int, users: int, days: np.ndarray) -> pl.DataFrame:
+def _orders(
+    rng: np.random.Generator, first_id: int, count: int, users: int, days: np.ndarray
+) -> pl.DataFrame:
     seconds = rng.integers(0, 86_400, size=count)
     start = datetime(FIRST_DAY.year, FIRST_DAY.month, FIRST_DAY.day, tzinfo=timezone.utc)
     stamps = np.sort(days.astype(np.int64) * 86_400 + seconds)
@@ -188,12 +253,16 @@ def _orders(rng: np.random.Generator, first_id: int, count: int, users: int, day
         (pl.col("order_id").cum_count().over("user_id")).cast(pl.Int32).alias("order_num"),
         "order_id",
         "user_id",
-        (pl.lit(start) + pl.duration(seconds=pl.col("offset"))).dt.cast_time_unit("us").alias("order_timestamp"),
+        (pl.lit(start) + pl.duration(seconds=pl.col("offset")))
+        .dt.cast_time_unit("us")
+        .alias("order_timestamp"),
         "total_amount",
     ).with_columns(pl.col("order_timestamp").dt.date().cast(pl.String).alias("date"))
 
 
-def _items(rng: np.random.Generator, orders: pl.DataFrame, first_id: int, count: int, products: int) -> pl.DataFrame:
+def _items(
+    rng: np.random.Generator, orders: pl.DataFrame, first_id: int, count: int, products: int
+) -> pl.DataFrame:
     n_orders = orders.height
     extra = np.sort(rng.integers(0, n_orders, size=max(count - n_orders, 0)))
     order_index = np.sort(np.concatenate([np.arange(n_orders), extra]))[:count]
@@ -203,15 +272,19 @@ def _items(rng: np.random.Generator, orders: pl.DataFrame, first_id: int, count:
     product = np.minimum((rng.pareto(1.2, size=count) * products / 20).astype(np.int64), products - 1) + 1
     return parent.with_columns(
         pl.Series("id", np.arange(first_id, first_id + count, dtype=np.int32)),
-        pl.when(pl.col("order_num") == 1).then(None).otherwise(pl.Series(days_since)).alias("days_since_prior_order"),
+        pl.when(pl.col("order_num") == 1)
+        .then(None)
+        .otherwise(pl.Series(days_since))
+        .alias("days_since_prior_order"),
         pl.Series("product_id", product.astype(np.int32)),
         (pl.int_range(pl.len()).over("order_id") + 1).cast(pl.Int32).alias("add_to_cart_order"),
         pl.Series("reordered", rng.integers(0, 2, size=count).astype(np.int32)),
     ).select(ORDER_ITEMS.column_names)
 
 
-def _chunks(frame: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, share: float,
-            label: str) -> Iterator[tuple[str, pl.DataFrame]]:
+def _chunks(
+    frame: pl.DataFrame, spec: TableSpec, rng: np.random.Generator, share: float, label: str
+) -> Iterator[tuple[str, pl.DataFrame]]:
     parts = max(1, -(-frame.height // PART_ROWS))
     for number in range(parts):
         part = frame.slice(number * PART_ROWS, PART_ROWS).select(spec.column_names)
@@ -235,7 +308,12 @@ def _dirty_files(store: Store, workdir: Path, samples: dict[str, pl.DataFrame]) 
 
 
 def generate(
-    store: Store, *, scale: float = 0.01, seed: int = 42, dirty: bool = True, progress: Optional[Progress] = None
+    store: Store,
+    *,
+    scale: float = 0.01,
+    seed: int = 42,
+    dirty: bool = True,
+    progress: Progress | None = None,
 ) -> Generated:
     """Write a full Instacart-like batch into ``raw/`` of ``store``."""
     if scale <= 0:
@@ -252,28 +330,56 @@ def generate(
     products = _products(rng, np.arange(1, n_products + 1))
     orders = _orders(rng, 1, n_orders, n_users, rng.integers(0, DAYS, size=n_orders))
     items = _items(rng, orders, 1, n_items, n_products)
-    return _write_all(store, rng, share, {"products": products, "orders": orders, "order_items": items}, "full",
-                      dirty, report)
+    return _write_all(
+        store,
+        rng,
+        share,
+        {"products": products, "orders": orders, "order_items": items},
+        "full",
+        dirty,
+        report,
+    )
 
 
-def _write_all(store: Store, rng: np.random.Generator, share: float, frames: dict[str, pl.DataFrame], label: str,
-               dirty: bool, report: Progress) -> Generated:
+def _write_all(
+    store: Store,
+    rng: np.random.Generator,
+    share: float,
+    frames: dict[str, pl.DataFrame],
+    label: str,
+    dirty: bool,
+    report: Progress,
+) -> Generated:
     files: list[str] = []
     with tempfile.TemporaryDirectory(prefix="lakehouse-generate-") as tmp:
         workdir = Path(tmp)
         for spec in (PRODUCTS, ORDERS, ORDER_ITEMS):
-            files += _write_parts(store, workdir, spec.name, _chunks(frames[spec.name], spec, rng, share, label),
-                                  report)
+            files += _write_parts(
+                store, workdir, spec.name, _chunks(frames[spec.name], spec, rng, share, label), report
+            )
         if dirty:
-            files += _dirty_files(store, workdir, {name: frame.select(
-                {s.name: s for s in (PRODUCTS, ORDERS, ORDER_ITEMS)}[name].column_names) for name, frame in frames.items()})
+            files += _dirty_files(
+                store,
+                workdir,
+                {
+                    name: frame.select(
+                        {s.name: s for s in (PRODUCTS, ORDERS, ORDER_ITEMS)}[name].column_names
+                    )
+                    for name, frame in frames.items()
+                },
+            )
     return Generated(rows={name: frame.height for name, frame in frames.items()}, files=files)
 
 
 def generate_next_day(
-    store: Store, *, scale: float = 0.01, seed: int = 42, dirty: bool = True, progress: Optional[Progress] = None
+    store: Store,
+    *,
+    scale: float = 0.01,
+    seed: int = 42,
+    dirty: bool = True,
+    progress: Progress | None = None,
 ) -> Generated:
-    """Write the next day's batch for the lake at ``store``: new orders and items, updates, product changes."""
+    """Write the next day's batch for the lake at ``store``: new orders and items, updates, renames."""
     report = progress or (lambda _: None)
     orders_scan = delta.scan(table_uri(store, "orders"))
     products_scan = delta.scan(table_uri(store, "products"))
@@ -290,17 +396,29 @@ def generate_next_day(
     n_orders = max(5, round(ORDERS_AT_SCALE_1 * scale / DAYS))
     n_items = max(n_orders, round(ITEMS_AT_SCALE_1 * scale / DAYS))
     n_users = max(5, round(USERS_AT_SCALE_1 * scale))
-    report(f"generating day {day}: {n_orders:,} new orders, {n_items:,} order items, updates and product changes")
+    report(
+        f"generating day {day}: {n_orders:,} new orders, {n_items:,} order items, updates and product changes"
+    )
     new_orders = _orders(rng, last_order + 1, n_orders, n_users, np.full(n_orders, (day - FIRST_DAY).days))
-    new_items = _items(rng, new_orders, last_item + 1, n_items, int(product_ids.max()))
+    new_items = _items(
+        rng,
+        new_orders,
+        last_item + 1,
+        n_items,
+        int(products_scan.select(pl.col("product_id").max()).collect().item()),
+    )
 
     # Corrections to recent orders keep their timestamp (so they apply) and change the amount.
     updated = (
-        orders_scan.filter(pl.col("date") == last_day).head(max(1, n_orders // 100)).collect()
+        orders_scan.filter(pl.col("date") == last_day)
+        .head(max(1, n_orders // 100))
+        .collect()
         .with_columns((pl.col("total_amount") + 1.25).round(2))
     )
-    renamed = products_scan.head(max(1, product_ids.len() // 1000)).collect().with_columns(
-        pl.format("{} (new recipe)", pl.col("product_name")).alias("product_name")
+    renamed = (
+        products_scan.head(max(1, product_ids.len() // 1000))
+        .collect()
+        .with_columns(pl.format("{} (new recipe)", pl.col("product_name")).alias("product_name"))
     )
     frames = {
         "products": renamed.select(PRODUCTS.column_names),

@@ -75,7 +75,11 @@ def is_csv(info: ObjectInfo) -> bool:
 def snapshot(store: Store, batch_id: str, now: datetime) -> Manifest:
     """List the CSV files now in ``raw/``; raise if a dataset has none."""
     files = {
-        table: [ManifestFile(info.key, info.size, info.version) for info in store.list(raw_prefix(table)) if is_csv(info)]
+        table: [
+            ManifestFile(info.key, info.size, info.version)
+            for info in store.list(raw_prefix(table))
+            if is_csv(info)
+        ]
         for table in TABLES
     }
     missing = [table for table, found in files.items() if not found]
@@ -106,7 +110,8 @@ def unfinished_manifests(store: Store) -> list[Manifest]:
     pending = [
         info.key
         for info in store.list(f"{MANIFESTS}/")
-        if info.key.endswith(".json") and not info.key.rsplit("/", 1)[-1].startswith("_")
+        if info.key.endswith(".json")
+        and not info.key.rsplit("/", 1)[-1].startswith("_")
         and info.key.rsplit("/", 1)[-1] not in finished
     ]
     return [Manifest.from_json(store.read_bytes(key), store.uri(key)) for key in pending]

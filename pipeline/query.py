@@ -19,8 +19,14 @@ def run_query(store: Store, sql: str) -> pl.DataFrame:
         if lazy is not None:
             context.register(name, lazy)
     if not context.tables():
-        raise UsageError(f"{store.root} has no lakehouse tables yet; run `lakehouse run --root {store.root}` first")
+        raise UsageError(
+            f"{store.root} has no lakehouse tables yet; run `lakehouse run --root {store.root}` first"
+        )
     try:
         return context.execute(sql, eager=True)
-    except (pl.exceptions.SQLInterfaceError, pl.exceptions.SQLSyntaxError, pl.exceptions.ColumnNotFoundError) as error:
+    except (
+        pl.exceptions.SQLInterfaceError,
+        pl.exceptions.SQLSyntaxError,
+        pl.exceptions.ColumnNotFoundError,
+    ) as error:
         raise UsageError(f"query failed: {str(error).splitlines()[0]}") from error

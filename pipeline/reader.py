@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -164,12 +165,17 @@ def _place_rows(
     cursor.record += n + take
 
     columns = [
-        (fields.get_column(f"f{layout.positions[name]}") if name in layout.positions else pl.lit(None, pl.String))
-        .alias(name)
+        (
+            fields.get_column(f"f{layout.positions[name]}")
+            if name in layout.positions
+            else pl.lit(None, pl.String)
+        ).alias(name)
         for name in spec.column_names
     ]
     shaped = (
-        fields.select(*columns, pl.lit(source, pl.String).alias(SOURCE_FILE), pl.Series(SOURCE_LINE, lines, pl.Int64))
+        fields.select(
+            *columns, pl.lit(source, pl.String).alias(SOURCE_FILE), pl.Series(SOURCE_LINE, lines, pl.Int64)
+        )
         if n
         else _empty_records(spec)
     )
@@ -181,7 +187,7 @@ def _place_rows(
 
 
 def _empty_records(spec: TableSpec) -> pl.DataFrame:
-    schema = {name: pl.String for name in spec.column_names}
+    schema: dict[str, Any] = {name: pl.String for name in spec.column_names}
     schema.update({SOURCE_FILE: pl.String, SOURCE_LINE: pl.Int64})
     return pl.DataFrame(schema=schema)
 

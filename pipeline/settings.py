@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -17,8 +16,8 @@ class Settings:
         allow_http: ``AWS_ALLOW_HTTP``, or implied by an ``http://`` endpoint.
     """
 
-    endpoint_url: Optional[str]
-    region: Optional[str]
+    endpoint_url: str | None
+    region: str | None
     allow_http: bool
 
     def delta_storage_options(self) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 ColumnType = Literal["int", "double", "string", "timestamp", "date"]
 
@@ -25,9 +25,9 @@ class Column:
     name: str
     type: ColumnType
     nullable: bool = False
-    greater_than: Optional[float] = None
-    at_least: Optional[float] = None
-    allowed: Optional[tuple[int, ...]] = None
+    greater_than: float | None = None
+    at_least: float | None = None
+    allowed: tuple[int, ...] | None = None
 
     @property
     def has_range_rule(self) -> bool:
@@ -67,9 +67,9 @@ class TableSpec:
     columns: tuple[Column, ...]
     primary_key: str
     partition_by: str
-    order_by: Optional[str] = None
+    order_by: str | None = None
     foreign_keys: tuple[ForeignKey, ...] = field(default_factory=tuple)
-    date_of: Optional[tuple[str, str]] = None
+    date_of: tuple[str, str] | None = None
 
     @property
     def column_names(self) -> list[str]:

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from pipeline.errors import StorageError
 from pipeline.settings import load_settings
@@ -39,7 +39,7 @@ class Store(Protocol):
     def list(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix``, sorted by key."""
 
-    def stat(self, key: str) -> Optional[ObjectInfo]:
+    def stat(self, key: str) -> ObjectInfo | None:
         """The object at ``key``, or None when there is none."""
 
     def read_bytes(self, key: str) -> bytes:
@@ -98,7 +98,7 @@ class LocalStore:
                 found.append(ObjectInfo(key, stat.st_size, str(stat.st_mtime_ns)))
         return sorted(found, key=lambda info: info.key)
 
-    def stat(self, key: str) -> Optional[ObjectInfo]:
+    def stat(self, key: str) -> ObjectInfo | None:
         path = self._file(key)
         if not path.is_file():
             return None
@@ -188,13 +188,15 @@ class S3Store:
     def list(self, prefix: str) -> list[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         found = []
-        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix))))
+        pages = self._call(
+            "list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)))
+        )
         for page in pages:
             for obj in page.get("Contents", []):
                 found.append(ObjectInfo(self._relative(obj["Key"]), obj["Size"], obj["ETag"].strip('"')))
         return sorted(found, key=lambda info: info.key)
 
-    def stat(self, key: str) -> Optional[ObjectInfo]:
+    def stat(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import ClientError
 
         try:
@@ -207,7 +209,7 @@ class S3Store:
 
     def read_bytes(self, key: str) -> bytes:
         response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return response["Body"].read()  # type: ignore[no-any-return]
+        return bytes(response["Body"].read())
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -230,18 +232,31 @@ class S3Store:
     def local_path(self, key: str) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="lakehouse-") as tmp:
             path = Path(tmp) / Path(key).name
-            self._call("download", key, self.client.download_file, Bucket=self.bucket, Key=self._key(key),
-                       Filename=str(path))
+            self._call(
+                "download",
+                key,
+                self.client.download_file,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Filename=str(path),
+            )
             yield path
 
     def upload(self, path: Path, key: str) -> None:
-        self._call("upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket,
-                   Key=self._key(key))
+        self._call(
+            "upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=self._key(key)
+        )
 
     def copy(self, src: str, dst: str) -> None:
         # The managed copy switches to multipart for objects over 5 GB, where CopyObject cannot go.
-        self._call("copy", src, self.client.copy, CopySource={"Bucket": self.bucket, "Key": self._key(src)},
-                   Bucket=self.bucket, Key=self._key(dst))
+        self._call(
+            "copy",
+            src,
+            self.client.copy,
+            CopySource={"Bucket": self.bucket, "Key": self._key(src)},
+            Bucket=self.bucket,
+            Key=self._key(dst),
+        )
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

@@ -15,7 +15,10 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 _INTEGER = r"^[+-]?[0-9]+$"
 _DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 # Seconds stop at 59: chrono would roll a leap second :60 into the next minute.
-_TIMESTAMP = r"^([0-9]{4}-[0-9]{2}-[0-9]{2})[T ]([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])(\.[0-9]{1,6})?(Z|\+00:00)?$"
+_TIMESTAMP = (
+    r"^([0-9]{4}-[0-9]{2}-[0-9]{2})[T ]([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])"
+    r"(\.[0-9]{1,6})?(Z|\+00:00)?$"
+)
 
 
 def polars_type(column: Column) -> pl.DataType:

@@ -14,14 +14,22 @@ from pipeline.batch import LOCK_KEY, rejected_uri, run_batch, table_uri
 from pipeline.errors import BatchLockedError, MissingDatasetError, StepError
 from pipeline.generate import generate, generate_next_day
 from pipeline.manifest import unfinished_manifests
-from pipeline.specs import TABLES
-from pipeline.storage import open_store
+from pipeline.specs import TABLES, TableSpec
+from pipeline.storage import Store, open_store
 from tests.conftest import SHARED_SAMPLE
 from tests.helpers import write_raw
 
 RULES = {
-    "missing_column", "malformed_row", "null", "invalid", "range", "date_mismatch",
-    "duplicate_row", "duplicate_key", "unknown_order_id", "unknown_product_id",
+    "missing_column",
+    "malformed_row",
+    "null",
+    "invalid",
+    "range",
+    "date_mismatch",
+    "duplicate_row",
+    "duplicate_key",
+    "unknown_order_id",
+    "unknown_product_id",
 }
 
 
@@ -41,13 +49,17 @@ def table_state(root: Path) -> dict[str, pl.DataFrame]:
 def small_batch(root: Path) -> None:
     write_raw(root, "products", "p.csv", "5,2,Books,Novel", "6,3,Toys,Ball", "6,3,Toys,Ball", "x,1,Home,Lamp")
     write_raw(
-        root, "orders", "o.csv",
+        root,
+        "orders",
+        "o.csv",
         "1,10,7,2025-04-01T11:27:00,12.50,2025-04-01",
         "2,11,7,2025-04-02T09:00:00,-3,2025-04-02",
         "3,12,8,2025-04-02T09:00:00,5,2025-04-03",
     )
     write_raw(
-        root, "order_items", "i.csv",
+        root,
+        "order_items",
+        "i.csv",
         "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01",
         "2,10,7,3,99,2,1,2025-04-01T11:27:00,2025-04-01",
         "3,11,7,3,5,1,0,2025-04-02T09:00:00,2025-04-02",
@@ -80,7 +92,10 @@ def test_small_batch_writes_valid_rows_and_rejects_the_rest_with_reasons(root: P
         ("5", "2025-04-03", ["date_mismatch"]),
     ]
     products_rejected = pl.read_delta(rejected_uri(open_store(str(root)), "products")).sort("source_line")
-    assert products_rejected.get_column("reject_reasons").to_list() == [["duplicate_row"], ["invalid:product_id"]]
+    assert products_rejected.get_column("reject_reasons").to_list() == [
+        ["duplicate_row"],
+        ["invalid:product_id"],
+    ]
 
 
 def test_generated_batch_accounts_for_every_row_and_covers_every_rule(root: Path) -> None:
@@ -93,7 +108,11 @@ def test_generated_batch_accounts_for_every_row_and_covers_every_rule(root: Path
         rejected_rows = pl.read_delta(rejected_uri(store, step.table)).height
         assert step.rows_in == step.inserted + step.rejected
         assert table_rows + rejected_rows == step.rows_in, step.table
-        assert rejected_rows == step.rejected == sum(step.rejected_by_reason.values()) - _multi(store, step.table)
+        assert (
+            rejected_rows
+            == step.rejected
+            == sum(step.rejected_by_reason.values()) - _multi(store, step.table)
+        )
         seen_rules |= {reason.split(":")[0] for reason in step.rejected_by_reason}
     assert seen_rules == RULES
     assert sum(s.rows_in for s in report.steps) > sum(generated.rows.values())
@@ -103,7 +122,7 @@ def test_generated_batch_accounts_for_every_row_and_covers_every_rule(root: Path
     assert (root / "manifests" / f"{report.batch_id}.json").exists()
 
 
-def _multi(store, table: str) -> int:  # type: ignore[no-untyped-def]
+def _multi(store: Store, table: str) -> int:
     """Reasons beyond the first on rows rejected for several reasons at once."""
     reasons = pl.read_delta(rejected_uri(store, table)).get_column("reject_reasons").list.len()
     return int((reasons - 1).sum())
@@ -162,13 +181,15 @@ def test_non_csv_files_do_not_count_as_a_dataset(root: Path) -> None:
         run_batch(open_store(str(root)))
 
 
-def test_failure_part_way_keeps_raw_files_and_a_rerun_resumes(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_part_way_keeps_raw_files_and_a_rerun_resumes(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = open_store(str(root))
     generate(store, scale=0.001, seed=11)
     files = raw_files(root)
     real_merge = delta.merge_rows
 
-    def failing_merge(uri, rows, spec):  # type: ignore[no-untyped-def]
+    def failing_merge(uri: str, rows: pl.DataFrame, spec: TableSpec) -> delta.MergeResult:
         if spec.name == "order_items":
             raise OSError("disk full")
         return real_merge(uri, rows, spec)
@@ -192,14 +213,16 @@ def test_failure_part_way_keeps_raw_files_and_a_rerun_resumes(root: Path, monkey
         assert rejected.height == step.rejected, f"{step.table} rejected rows duplicated by the re-run"
 
 
-def test_archive_failure_leaves_the_rest_in_raw_and_a_rerun_finishes(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_archive_failure_leaves_the_rest_in_raw_and_a_rerun_finishes(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = open_store(str(root))
     generate(store, scale=0.001, seed=12)
     files = raw_files(root)
     calls = {"n": 0}
     real_delete = type(store).delete
 
-    def flaky_delete(self, key):  # type: ignore[no-untyped-def]
+    def flaky_delete(self: Store, key: str) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("network down")
@@ -229,7 +252,7 @@ def test_a_file_changed_after_the_snapshot_is_refused(root: Path, monkeypatch: p
     small_batch(root)
     store = open_store(str(root))
 
-    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def fail(*args: object, **kwargs: object) -> int:
         raise OSError("boom")
 
     monkeypatch.setattr(batch_module, "archive_batch", fail)
@@ -237,7 +260,7 @@ def test_a_file_changed_after_the_snapshot_is_refused(root: Path, monkeypatch: p
         run_batch(store)
     monkeypatch.undo()
     write_raw(root, "orders", "o.csv", "1,10,7,2025-04-01T11:27:00,99.00,2025-04-01")
-    with pytest.raises(StepError, match="raw/orders/o.csv changed after batch"):
+    with pytest.raises(StepError, match=r"raw/orders/o\.csv changed after batch"):
         run_batch(store)
 
 

@@ -61,5 +61,7 @@ def test_bad_root_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_python_dash_m_pipeline_works() -> None:
-    done = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0 and "generate" in done.stdout

@@ -38,7 +38,9 @@ def read(uri: str) -> pl.DataFrame:
 
 def test_first_merge_creates_a_partitioned_table_readers_can_use(tmp_path: Path) -> None:
     uri = str(tmp_path / "orders")
-    result = delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0), (2, "2025-01-02 10:00:00", 6.0)), ORDERS)
+    result = delta.merge_rows(
+        uri, orders((1, "2025-01-01 10:00:00", 5.0), (2, "2025-01-02 10:00:00", 6.0)), ORDERS
+    )
     assert (result.inserted, result.updated, result.version) == (2, 0, 0)
     table = DeltaTable(uri)
     assert table.metadata().partition_columns == ["date"]
@@ -50,7 +52,9 @@ def test_first_merge_creates_a_partitioned_table_readers_can_use(tmp_path: Path)
 def test_new_keys_are_inserted_and_newer_rows_replace(tmp_path: Path) -> None:
     uri = str(tmp_path / "orders")
     delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
-    result = delta.merge_rows(uri, orders((1, "2025-01-01 11:00:00", 7.0), (2, "2025-01-01 09:00:00", 1.0)), ORDERS)
+    result = delta.merge_rows(
+        uri, orders((1, "2025-01-01 11:00:00", 7.0), (2, "2025-01-01 09:00:00", 1.0)), ORDERS
+    )
     assert (result.inserted, result.updated) == (1, 1)
     assert_frame_equal(read(uri), orders((1, "2025-01-01 11:00:00", 7.0), (2, "2025-01-01 09:00:00", 1.0)))
 
@@ -116,8 +120,9 @@ def test_rejected_rows_of_a_batch_are_replaced_not_duplicated(tmp_path: Path) ->
     uri = str(tmp_path / "rejected")
     rows = pl.DataFrame({"value": ["a", "b"], "batch_id": ["b1", "b1"]})
     delta.replace_batch_rows(uri, rows, batch_column="batch_id", batch_id="b1")
-    delta.replace_batch_rows(uri, rows.with_columns(pl.lit("b2").alias("batch_id")), batch_column="batch_id",
-                             batch_id="b2")
+    delta.replace_batch_rows(
+        uri, rows.with_columns(pl.lit("b2").alias("batch_id")), batch_column="batch_id", batch_id="b2"
+    )
     delta.replace_batch_rows(uri, rows, batch_column="batch_id", batch_id="b1")
     counts = pl.read_delta(uri).group_by("batch_id").len().sort("batch_id")
     assert counts.rows() == [("b1", 2), ("b2", 2)]

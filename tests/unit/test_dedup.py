@@ -5,18 +5,18 @@ from __future__ import annotations
 import polars as pl
 
 from pipeline.dedup import ORDER, split_duplicates, split_orphans
-from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS
+from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS, TableSpec
 from pipeline.validate import REASONS, validate
 from tests.helpers import text_frame, valid_item, valid_order, valid_product
 
 
-def checked(spec, rows):  # type: ignore[no-untyped-def]
+def checked(spec: TableSpec, rows: list[dict[str, str | None]]) -> pl.DataFrame:
     """Valid rows in batch order, as the step hands them to dedup."""
     frame = validate(text_frame(spec, rows).with_row_index(ORDER), spec)
     return frame.with_columns(pl.col(ORDER).cast(pl.Int64)).sort(ORDER).drop(REASONS)
 
 
-def outcome(survivors, losers, column):  # type: ignore[no-untyped-def]
+def outcome(survivors: pl.DataFrame, losers: pl.DataFrame) -> tuple[list[int], dict[int, list[str]]]:
     kept = sorted(survivors.get_column(ORDER).to_list())
     lost = dict(zip(losers.get_column(ORDER).to_list(), losers.get_column(REASONS).to_list()))
     return kept, lost
@@ -24,14 +24,14 @@ def outcome(survivors, losers, column):  # type: ignore[no-untyped-def]
 
 def test_identical_row_is_a_duplicate_row_and_the_first_survives() -> None:
     rows = [valid_order(order_id="1"), valid_order(order_id="2"), valid_order(order_id="1")]
-    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS), "order_id")
+    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
     assert kept == [0, 1]
     assert lost == {2: ["duplicate_row"]}
 
 
 def test_rows_identical_after_parsing_are_duplicates() -> None:
     rows = [valid_order(total_amount="12.5"), valid_order(total_amount=" 12.50 ")]
-    _, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS), "order_id")
+    _, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
     assert lost == {1: ["duplicate_row"]}
 
 
@@ -41,22 +41,28 @@ def test_duplicate_key_keeps_the_greatest_order_timestamp() -> None:
         valid_order(order_timestamp="2025-04-01T13:00:00", total_amount="2"),
         valid_order(order_timestamp="2025-04-01T11:00:00", total_amount="3"),
     ]
-    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS), "order_id")
+    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
     assert kept == [1]
     assert lost == {0: ["duplicate_key"], 2: ["duplicate_key"]}
 
 
 def test_duplicate_key_tie_keeps_the_later_row() -> None:
     rows = [valid_item(reordered="0"), valid_item(reordered="1"), valid_item(id="2")]
-    kept, lost = outcome(*split_duplicates(checked(ORDER_ITEMS, rows), ORDER_ITEMS), "id")
+    kept, lost = outcome(*split_duplicates(checked(ORDER_ITEMS, rows), ORDER_ITEMS))
     assert kept == [1, 2]
     assert lost == {0: ["duplicate_key"]}
 
 
 def test_products_duplicate_key_keeps_the_later_row() -> None:
-    rows = [valid_product(product_name="new"), valid_product(product_name="newer"), valid_product(product_id="6")]
+    rows = [
+        valid_product(product_name="new"),
+        valid_product(product_name="newer"),
+        valid_product(product_id="6"),
+    ]
     survivors, losers = split_duplicates(checked(PRODUCTS, rows), PRODUCTS)
-    assert survivors.filter(pl.col("typed__product_id") == 5).get_column("product_name").to_list() == ["newer"]
+    assert survivors.filter(pl.col("typed__product_id") == 5).get_column("product_name").to_list() == [
+        "newer"
+    ]
     assert losers.get_column(REASONS).to_list() == [["duplicate_key"]]
 
 
@@ -66,7 +72,7 @@ def test_duplicate_row_and_duplicate_key_together() -> None:
         valid_order(order_timestamp="2025-04-01T12:00:00"),
         valid_order(order_timestamp="2025-04-01T10:00:00"),
     ]
-    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS), "order_id")
+    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
     assert kept == [0]
     assert lost == {1: ["duplicate_row"], 2: ["duplicate_key"]}
 
@@ -78,11 +84,18 @@ def test_no_duplicates_keeps_everything() -> None:
 
 
 def test_unknown_order_id_and_product_id() -> None:
-    rows = [valid_item(id="1"), valid_item(id="2", order_id="99"), valid_item(id="3", order_id="99", product_id="77")]
+    rows = [
+        valid_item(id="1"),
+        valid_item(id="2", order_id="99"),
+        valid_item(id="3", order_id="99", product_id="77"),
+    ]
     known = {"order_id": pl.Series([10], dtype=pl.Int32), "product_id": pl.Series([5], dtype=pl.Int32)}
     kept, orphans = split_orphans(checked(ORDER_ITEMS, rows), ORDER_ITEMS, known)
     assert kept.get_column("id").to_list() == ["1"]
-    assert orphans.get_column(REASONS).to_list() == [["unknown_order_id"], ["unknown_order_id", "unknown_product_id"]]
+    assert orphans.get_column(REASONS).to_list() == [
+        ["unknown_order_id"],
+        ["unknown_order_id", "unknown_product_id"],
+    ]
 
 
 def test_tables_without_foreign_keys_have_no_orphans() -> None:

@@ -8,11 +8,13 @@ import polars as pl
 import pytest
 
 from pipeline.errors import InputFileError
-from pipeline.reader import RAW_RECORD, SOURCE_LINE, read_chunks, read_layout
-from pipeline.specs import ORDERS, PRODUCTS
+from pipeline.reader import RAW_RECORD, SOURCE_LINE, FileLayout, read_chunks, read_layout
+from pipeline.specs import ORDERS, PRODUCTS, TableSpec
 
 
-def read(path: Path, spec=PRODUCTS, block_size: int = 1 << 20):  # type: ignore[no-untyped-def]
+def read(
+    path: Path, spec: TableSpec = PRODUCTS, block_size: int = 1 << 20
+) -> tuple[FileLayout, pl.DataFrame, pl.DataFrame]:
     layout = read_layout(path, spec, path.name)
     assert layout is not None
     chunks = list(read_chunks(path, spec, path.name, layout, block_size=block_size))
@@ -57,13 +59,16 @@ def test_missing_column_is_null_and_named(tmp_path: Path) -> None:
 
 
 def test_values_keep_their_original_text(tmp_path: Path) -> None:
-    path = write(tmp_path, b"product_id,department_id,department,product_name\n 1 ,2,,\"Milk, whole \"\"3%\"\"\"\n")
+    path = write(tmp_path, b'product_id,department_id,department,product_name\n 1 ,2,,"Milk, whole ""3%"""\n')
     _, records, _ = read(path)
     assert records.select(PRODUCTS.column_names).rows() == [(" 1 ", "2", "", 'Milk, whole "3%"')]
 
 
 def test_rows_with_too_many_or_too_few_fields_are_malformed_with_their_text(tmp_path: Path) -> None:
-    path = write(tmp_path, b"product_id,department_id,department,product_name\n1,2,Books,A\n2,3,Toys\n3,4,Toys,B,extra\n4,5,Home,C\n")
+    path = write(
+        tmp_path,
+        b"product_id,department_id,department,product_name\n1,2,Books,A\n2,3,Toys\n3,4,Toys,B,extra\n4,5,Home,C\n",
+    )
     _, records, malformed = read(path)
     assert records.get_column("product_id").to_list() == ["1", "4"]
     assert records.get_column(SOURCE_LINE).to_list() == [2, 5]
@@ -120,6 +125,8 @@ def test_duplicate_header_column_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_non_utf8_file_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "orders.csv"
-    path.write_bytes(b"order_num,order_id,user_id,order_timestamp,total_amount,date\n1,2,3,\xff\xfe,1,2025-01-01\n")
-    with pytest.raises(InputFileError, match="orders.csv"):
+    path.write_bytes(
+        b"order_num,order_id,user_id,order_timestamp,total_amount,date\n1,2,3,\xff\xfe,1,2025-01-01\n"
+    )
+    with pytest.raises(InputFileError, match=r"orders\.csv"):
         read(path, ORDERS)

@@ -7,12 +7,14 @@ from datetime import datetime, timezone
 import polars as pl
 import pytest
 
-from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS
+from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS, TableSpec
 from pipeline.validate import REASONS, validate
 from tests.helpers import text_frame, valid_item, valid_order, valid_product
 
 
-def reasons_of(spec, row, missing=()):  # type: ignore[no-untyped-def]
+def reasons_of(
+    spec: TableSpec, row: dict[str, str | None], missing: tuple[str, ...] | list[str] = ()
+) -> list[str]:
     checked = validate(text_frame(spec, [row]), spec, missing)
     return checked.get_column(REASONS).to_list()[0]
 
@@ -35,7 +37,7 @@ def test_values_are_parsed_to_the_table_types() -> None:
 
 
 def test_missing_column_names_the_column_and_other_columns_are_still_checked() -> None:
-    reasons = reasons_of(ORDERS, valid_order(total_amount=None, user_id="x"), missing=["total_amount"])
+    reasons = reasons_of(ORDERS, valid_order(total_amount=None, user_id="x"), missing=("total_amount",))
     assert reasons == ["invalid:user_id", "missing_column:total_amount"]
 
 
@@ -105,7 +107,9 @@ def test_invalid_timestamp(value: str) -> None:
 
 
 def test_fractional_timestamp_keeps_microseconds() -> None:
-    checked = validate(text_frame(ORDERS, [valid_order(order_timestamp="2025-04-01T11:27:00.000123Z")]), ORDERS)
+    checked = validate(
+        text_frame(ORDERS, [valid_order(order_timestamp="2025-04-01T11:27:00.000123Z")]), ORDERS
+    )
     assert checked.get_column("typed__order_timestamp").dt.microsecond().to_list() == [123]
 
 
@@ -130,13 +134,16 @@ def test_invalid_date(value: str) -> None:
         (ORDER_ITEMS, valid_item(days_since_prior_order="-1"), "range:days_since_prior_order"),
     ],
 )
-def test_out_of_range_value(spec, row, reason) -> None:  # type: ignore[no-untyped-def]
+def test_out_of_range_value(spec: TableSpec, row: dict[str, str | None], reason: str) -> None:
     assert reasons_of(spec, row) == [reason]
 
 
 def test_range_boundaries_are_inclusive_where_the_rule_says_so() -> None:
     assert reasons_of(ORDERS, valid_order(total_amount="0")) == []
-    assert reasons_of(ORDER_ITEMS, valid_item(days_since_prior_order="0", add_to_cart_order="1", reordered="1")) == []
+    assert (
+        reasons_of(ORDER_ITEMS, valid_item(days_since_prior_order="0", add_to_cart_order="1", reordered="1"))
+        == []
+    )
 
 
 def test_date_mismatch() -> None:
