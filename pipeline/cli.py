@@ -113,7 +113,9 @@ def step(
 
 @app.command()
 def query(
-    sql: str = typer.Argument(..., help="Polars SQL over products, orders and order_items."),
+    sql: str = typer.Argument(
+        ..., help="Polars SQL over products, orders, order_items and rejected_<table>."
+    ),
     root: str = typer.Option(..., "--root", help=ROOT_HELP),
     limit: int = typer.Option(50, "--limit", help="Rows to print at most."),
 ) -> None:

@@ -5,19 +5,20 @@ from __future__ import annotations
 import polars as pl
 
 from pipeline import delta
-from pipeline.batch import table_uri
+from pipeline.batch import rejected_uri, table_uri
 from pipeline.errors import UsageError
 from pipeline.specs import TABLES
 from pipeline.storage import Store
 
 
 def run_query(store: Store, sql: str) -> pl.DataFrame:
-    """Run ``sql`` over the tables ``products``, ``orders`` and ``order_items`` of ``store``."""
+    """Run ``sql`` over ``products``, ``orders``, ``order_items`` and ``rejected_<table>`` of ``store``."""
     context = pl.SQLContext()
     for name in TABLES:
-        lazy = delta.scan(table_uri(store, name))
-        if lazy is not None:
-            context.register(name, lazy)
+        for alias, uri in ((name, table_uri(store, name)), (f"rejected_{name}", rejected_uri(store, name))):
+            lazy = delta.scan(uri)
+            if lazy is not None:
+                context.register(alias, lazy)
     if not context.tables():
         raise UsageError(
             f"{store.root} has no lakehouse tables yet; run `lakehouse run --root {store.root}` first"

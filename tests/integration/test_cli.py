@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from pipeline import delta
-from pipeline.batch import table_uri
+from pipeline.batch import rejected_uri, table_uri
 from pipeline.cli import main
 from pipeline.storage import open_store
 
@@ -38,6 +39,9 @@ def test_generate_run_and_query(root: Path, capsys: pytest.CaptureFixture[str]) 
     assert "marker" in printed
     stored = delta.count_rows(table_uri(open_store(str(root)), "orders"))
     assert f" {stored} " in printed
+    assert run_cli("query", "--root", str(root), "SELECT COUNT(*) AS bad FROM rejected_order_items") == 0
+    rejected = pl.read_delta(rejected_uri(open_store(str(root)), "order_items")).height
+    assert f" {rejected} " in capsys.readouterr().out
     assert run_cli("query", "--root", str(root), "SELECT * FROM nowhere") == 1
     error = capsys.readouterr().err
     assert "query failed" in error and "Traceback" not in error
