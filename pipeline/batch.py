@@ -8,10 +8,11 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import polars as pl
@@ -35,7 +36,7 @@ from pipeline.manifest import (
     snapshot,
     unfinished_manifests,
 )
-from pipeline.reader import RAW_RECORD, SOURCE_FILE, SOURCE_LINE, read_chunks, read_layout
+from pipeline.reader import RAW_RECORD, SOURCE_FILE, SOURCE_LINE, FileLayout, read_chunks, read_layout
 from pipeline.specs import TABLES, TableSpec
 from pipeline.storage import Store
 from pipeline.validate import REASONS, TIMESTAMP, validate
@@ -145,6 +146,42 @@ def _malformed_rows(malformed: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
     return _rejected_rows(shaped, spec)
 
 
+LINE_BITS = 40  # _order = file index << 40 | line: batch order in one integer column
+
+
+def _order_of(file_index: int) -> pl.Expr:
+    return (pl.lit(file_index, pl.Int64) * (1 << LINE_BITS) + pl.col(SOURCE_LINE)).alias(ORDER)
+
+
+def _original_text(
+    late: pl.DataFrame, sources: list[tuple[str, Path, FileLayout]], spec: TableSpec
+) -> pl.DataFrame:
+    """Rows rejected after parsing (duplicates, orphans) with their original text, read again from source.
+
+    Valid rows are kept only in typed form to save memory; the few that lose later get their text back
+    from the file they came from, through the same reader.
+    """
+    late = late.select(
+        ORDER,
+        REASONS,
+        (pl.col(ORDER) // (1 << LINE_BITS)).alias("file__"),
+        (pl.col(ORDER) % (1 << LINE_BITS)).alias(SOURCE_LINE),
+    )
+    found = []
+    for file_index in late.get_column("file__").unique().sort().to_list():
+        source, path, layout = sources[file_index]
+        wanted = late.filter(pl.col("file__") == file_index).drop("file__")
+        lines = wanted.get_column(SOURCE_LINE).implode()
+        texts = pl.concat(
+            [
+                chunk.records.filter(pl.col(SOURCE_LINE).is_in(lines))
+                for chunk in read_chunks(path, spec, source, layout)
+            ]
+        )
+        found.append(wanted.join(texts, on=SOURCE_LINE, how="left"))
+    return _rejected_rows(pl.concat(found), spec)
+
+
 def run_step(
     store: Store,
     manifest: Manifest,
@@ -160,57 +197,66 @@ def run_step(
     """
     started = time.monotonic()
     batch_id = manifest.batch_id
+    typed_columns = [typed(name) for name in spec.column_names]
     valid_parts: list[pl.DataFrame] = []
     rejected_parts: list[pl.DataFrame] = []
     extra_columns: dict[str, list[str]] = {}
     empty_files: list[str] = []
+    sources: list[tuple[str, Path, FileLayout]] = []
     rows_in = 0
 
-    for file_index, entry in enumerate(manifest.files[spec.name]):
-        key, _ = _locate(store, spec.name, batch_id, entry)
-        progress(f"{spec.name}: reading {entry.key}")
-        with store.local_path(key) as path:
+    with ExitStack() as local_copies:
+        for file_index, entry in enumerate(manifest.files[spec.name]):
+            key, _ = _locate(store, spec.name, batch_id, entry)
+            progress(f"{spec.name}: reading {entry.key}")
+            path = local_copies.enter_context(store.local_path(key))
             layout = read_layout(path, spec, entry.key)
             if layout is None:
                 empty_files.append(entry.key)
-                continue
-            if layout.extra:
+                layout = FileLayout({}, [], [], 0, 1)
+            elif layout.extra:
                 extra_columns[entry.key] = layout.extra
+            sources.append((entry.key, path, layout))
+            if not layout.field_count:
+                continue
             for chunk in read_chunks(path, spec, entry.key, layout):
                 rows_in += chunk.records.height + chunk.malformed.height
                 if chunk.malformed.height:
                     rejected_parts.append(_malformed_rows(chunk.malformed, spec))
-                checked = validate(chunk.records, spec, layout.missing).with_columns(
-                    (pl.lit(file_index, pl.Int64) * (1 << 40) + pl.col(SOURCE_LINE)).alias(ORDER)
-                )
+                checked = validate(chunk.records, spec, layout.missing)
                 is_valid = pl.col(REASONS).list.len() == 0
                 rejected_parts.append(_rejected_rows(checked.filter(~is_valid), spec))
-                valid_parts.append(checked.filter(is_valid).drop(REASONS))
+                valid_parts.append(checked.filter(is_valid).select(*typed_columns, _order_of(file_index)))
 
-    progress(f"{spec.name}: deduplicating and checking references")
-    valid = pl.concat(valid_parts) if valid_parts else pl.DataFrame()
-    if valid.height:
-        survivors, duplicates = split_duplicates(valid, spec)
-        rejected_parts.append(_rejected_rows(duplicates, spec))
-        known = {
-            fk.column: delta.existing_values(
-                table_uri(store, fk.ref_table), fk.ref_column, survivors.get_column(typed(fk.column)).unique()
-            )
-            for fk in spec.foreign_keys
-        }
-        survivors, orphans = split_orphans(survivors, spec, known)
-        rejected_parts.append(_rejected_rows(orphans, spec))
-        rows = survivors.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
-    else:
-        rows = pl.DataFrame()
-    del valid, valid_parts
+        progress(f"{spec.name}: deduplicating and checking references")
+        valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
+        del valid_parts
+        if valid.height:
+            survivors, duplicates = split_duplicates(valid, spec)
+            del valid
+            known = {
+                fk.column: delta.existing_values(
+                    table_uri(store, fk.ref_table),
+                    fk.ref_column,
+                    survivors.get_column(typed(fk.column)).unique(),
+                )
+                for fk in spec.foreign_keys
+            }
+            survivors, orphans = split_orphans(survivors, spec, known)
+            late = pl.concat([duplicates, orphans])
+            if late.height:
+                progress(
+                    f"{spec.name}: reading the original text of {late.height:,} duplicate or orphan rows"
+                )
+                rejected_parts.append(_original_text(late, sources, spec))
+            rows = survivors.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
+            del survivors
+        else:
+            rows = pl.DataFrame()
 
     rejected_at = now or datetime.now(timezone.utc)
-    rejected = (
-        pl.concat([part for part in rejected_parts if part.height])
-        if any(p.height for p in rejected_parts)
-        else None
-    )
+    kept_parts = [part for part in rejected_parts if part.height]
+    rejected = pl.concat(kept_parts) if kept_parts else None
     rejected_rows = 0 if rejected is None else rejected.height
     if rows.height + rejected_rows != rows_in:
         raise LakehouseError(

@@ -5,17 +5,20 @@ Tables are addressed by URI (a local path or ``s3://``); storage options come fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from pipeline.errors import CommitConflictError
 from pipeline.settings import load_settings
 from pipeline.specs import TableSpec
+
+STREAM_ROWS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,26 @@ def _in_list(column: str, values: Sequence[Any]) -> str:
     return f"t.{column} IN ({', '.join(_literal(v) for v in values)})"
 
 
+def _stored(frame: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
+    """``frame`` as the table stores it: ``date`` columns, held as Date in memory, become text."""
+    return frame.with_columns(
+        pl.col(column.name).cast(pl.String)
+        for column in spec.columns
+        if column.type == "date" and frame.schema.get(column.name) == pl.Date
+    )
+
+
+def _arrow_stream(frame: pl.DataFrame, spec: TableSpec) -> pa.RecordBatchReader:
+    """``frame`` in its stored form as a stream of batches, converted slice by slice to bound memory."""
+    schema = _stored(frame.head(0), spec).to_arrow().schema
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for offset in range(0, frame.height, STREAM_ROWS):
+            yield from _stored(frame.slice(offset, STREAM_ROWS), spec).to_arrow().cast(schema).to_batches()
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
 def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
     """MERGE ``rows`` (typed, unique on the primary key) into the table at ``uri`` on the primary key.
 
@@ -70,7 +93,7 @@ def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
         if table is None:
             write_deltalake(
                 uri,
-                rows.to_arrow(),
+                _arrow_stream(rows, spec),
                 mode="append",
                 partition_by=[spec.partition_by],
                 storage_options=_options(),
@@ -78,7 +101,7 @@ def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
             return MergeResult(rows.height, 0, table_version(uri))
 
         key, part = spec.primary_key, spec.partition_by
-        partitions = set(rows.get_column(part).unique().to_list())
+        partitions = set(_stored(rows.select(part).unique(), spec).to_series().to_list())
         partitions |= set(_partitions_of_keys(table, spec, rows.get_column(key)))
         predicate = f"t.{key} = s.{key} AND {_in_list(part, sorted(partitions))}"
 
@@ -89,7 +112,7 @@ def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
         if spec.order_by:
             condition = f"s.{spec.order_by} >= t.{spec.order_by} AND {condition}"
         metrics = (
-            table.merge(rows.to_arrow(), predicate, source_alias="s", target_alias="t")
+            table.merge(_arrow_stream(rows, spec), predicate, source_alias="s", target_alias="t")
             .when_matched_update_all(predicate=condition)
             .when_not_matched_insert_all()
             .execute()

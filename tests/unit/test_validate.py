@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import polars as pl
 import pytest
@@ -33,7 +33,7 @@ def test_values_are_parsed_to_the_table_types() -> None:
     assert row["typed__total_amount"] == 12.5
     assert row["typed__order_timestamp"] == datetime(2025, 4, 1, 11, 27, tzinfo=timezone.utc)
     assert checked.schema["typed__order_timestamp"] == pl.Datetime("us", "UTC")
-    assert row["typed__date"] == "2025-04-01"
+    assert row["typed__date"] == date(2025, 4, 1)
 
 
 def test_missing_column_names_the_column_and_other_columns_are_still_checked() -> None:
