@@ -57,15 +57,18 @@ def split_orphans(
     """
     if not spec.foreign_keys:
         return survivors, _with_reason(survivors.head(0), "")
-    flags = [
-        pl.when(~pl.col(typed(fk.column)).is_in(known[fk.column].implode()))
-        .then(pl.lit(fk.reason))
-        .otherwise(None)
-        for fk in spec.foreign_keys
-    ]
-    flagged = survivors.with_columns(pl.concat_list(flags).list.drop_nulls().alias(REASONS))
-    is_orphan = pl.col(REASONS).list.len() > 0
-    return flagged.filter(~is_orphan).drop(REASONS), flagged.filter(is_orphan)
+    unknown = {
+        fk.reason: ~pl.col(typed(fk.column)).is_in(known[fk.column].implode()) for fk in spec.foreign_keys
+    }
+    flagged = survivors.with_columns(expr.alias(reason) for reason, expr in unknown.items())
+    is_orphan = pl.any_horizontal(list(unknown))
+    # Reason lists are built for the few orphans only; building them for every row costs seconds.
+    orphans = flagged.filter(is_orphan).with_columns(
+        pl.concat_list(pl.when(pl.col(reason)).then(pl.lit(reason)).otherwise(None) for reason in unknown)
+        .list.drop_nulls()
+        .alias(REASONS)
+    )
+    return flagged.filter(~is_orphan).drop(list(unknown)), orphans.drop(list(unknown))
 
 
 def _with_reason(frame: pl.DataFrame, reason: str) -> pl.DataFrame:
