@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 
 from pipeline import batch as batch_module
 from pipeline import delta
-from pipeline.batch import LOCK_KEY, rejected_uri, run_batch, table_uri
+from pipeline.batch import LOCK_KEY, BatchReport, StepReport, rejected_uri, run_batch, table_uri
 from pipeline.errors import BatchLockedError, MissingDatasetError, StepError
 from pipeline.generate import generate, generate_next_day
-from pipeline.manifest import unfinished_manifests
+from pipeline.manifest import Manifest, unfinished_manifests
 from pipeline.specs import TABLES, TableSpec
 from pipeline.storage import Store, open_store
 from tests.conftest import SHARED_SAMPLE
@@ -237,6 +239,53 @@ def test_archive_failure_leaves_the_rest_in_raw_and_a_rerun_finishes(
     report = run_batch(store)
     assert report.archived_files == len(files)
     assert raw_files(root) == []
+
+
+def test_files_landing_after_the_snapshot_wait_for_the_next_batch(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small_batch(root)
+    real_step = batch_module.run_step
+
+    def step_then_land(store: Store, manifest: Manifest, spec: TableSpec, **kwargs: Any) -> StepReport:
+        write_raw(root, spec.name, "late.csv", *([] if spec.name != "products" else ["9,1,Home,Late"]))
+        return real_step(store, manifest, spec, **kwargs)
+
+    monkeypatch.setattr(batch_module, "run_step", step_then_land)
+    report = run_batch(open_store(str(root)))
+    assert raw_files(root) == ["raw/order_items/late.csv", "raw/orders/late.csv", "raw/products/late.csv"]
+    assert report.table_counts["products"] == 2
+    monkeypatch.undo()
+    later = run_batch(open_store(str(root)))
+    assert later.batch_id != report.batch_id
+    assert {s.table: s.inserted for s in later.steps}["products"] == 1
+    assert raw_files(root) == []
+
+
+def test_two_runs_at_once_never_process_the_same_files(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small_batch(root)
+    inside, release = threading.Event(), threading.Event()
+    real_step = batch_module.run_step
+
+    def held_step(store: Store, manifest: Manifest, spec: TableSpec, **kwargs: Any) -> StepReport:
+        inside.set()
+        assert release.wait(30)
+        return real_step(store, manifest, spec, **kwargs)
+
+    monkeypatch.setattr(batch_module, "run_step", held_step)
+    results: list[BatchReport] = []
+    first = threading.Thread(target=lambda: results.append(run_batch(open_store(str(root)))))
+    first.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(BatchLockedError):
+            run_batch(open_store(str(root)))
+    finally:
+        release.set()
+        first.join()
+    assert len(results) == 1
+    assert len(list((root / "archived").rglob("*.csv"))) == 3
+    assert len(list((root / "reports").glob("*.json"))) == 1
 
 
 def test_a_second_run_waits_for_the_lock(root: Path) -> None:

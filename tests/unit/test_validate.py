@@ -56,7 +56,9 @@ def test_null_days_since_prior_order_is_allowed() -> None:
     assert reasons_of(ORDER_ITEMS, valid_item(days_since_prior_order=None)) == []
 
 
-@pytest.mark.parametrize("value", ["12x", "1.0", "1e3", "0x10", "99999999999", "2147483648", "--1", "1 2"])
+@pytest.mark.parametrize(
+    "value", ["12x", "1.0", "1e3", "0x10", "1_000", "99999999999", "2147483648", "--1", "+", "1 2", "\u0663"]
+)
 def test_invalid_integer(value: str) -> None:
     assert reasons_of(ORDERS, valid_order(user_id=value)) == ["invalid:user_id"]
 
