@@ -354,6 +354,23 @@ def check_tables(store: Store) -> dict[str, int]:
     return counts
 
 
+def maintain_tables(
+    store: Store, *, retention_hours: int = 168, progress: Progress = _quiet
+) -> dict[str, delta.MaintenanceResult]:
+    """Compact, vacuum and checkpoint every lakehouse and rejected table of ``store``."""
+    results = {}
+    for table in TABLES:
+        for name, uri in (
+            (table, table_uri(store, table)),
+            (f"rejected/{table}", rejected_uri(store, table)),
+        ):
+            progress(f"maintaining {name}")
+            result = delta.maintain_table(uri, retention_hours=retention_hours)
+            if result is not None:
+                results[name] = result
+    return results
+
+
 @contextmanager
 def batch_lock(store: Store, batch_hint: str) -> Iterator[None]:
     """Hold the root's batch lock so two runs never process the same files."""

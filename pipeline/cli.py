@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -57,6 +57,9 @@ def generate(
         False, "--next-day", help="Write the next day's batch for the loaded lake."
     ),
     clean: bool = typer.Option(False, "--clean", help="Write no dirty rows."),
+    product_limit: Optional[int] = typer.Option(
+        None, "--product-limit", help="With --next-day: order items use product ids up to this only."
+    ),
 ) -> None:
     """Write Instacart-like CSVs (about 1% dirty rows) into ROOT/raw/<table>/."""
     from pipeline.generate import generate as generate_full
@@ -65,8 +68,17 @@ def generate(
 
     store = open_store(root)
     with console.status("generating") as status:
-        action = generate_next_day if next_day else generate_full
-        result = action(store, scale=scale, seed=seed, dirty=not clean, progress=_progress(status))
+        if next_day:
+            result = generate_next_day(
+                store,
+                scale=scale,
+                seed=seed,
+                dirty=not clean,
+                progress=_progress(status),
+                product_limit=product_limit,
+            )
+        else:
+            result = generate_full(store, scale=scale, seed=seed, dirty=not clean, progress=_progress(status))
     for table, rows in result.rows.items():
         out.print(f"{table}: {rows:,} rows")
     out.print(f"{len(result.files)} files written under {store.uri('raw/')}")
@@ -130,6 +142,65 @@ def query(
         out.print(str(result.head(limit)), highlight=False)
     if result.height > limit:
         out.print(f"({result.height:,} rows, {limit} shown)")
+
+
+@app.command()
+def maintain(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    retention_hours: int = typer.Option(
+        168,
+        "--retention-hours",
+        help="Vacuum files unreferenced for this long (at least the table's retention).",
+    ),
+) -> None:
+    """Compact small files, vacuum old ones and checkpoint every lakehouse and rejected table."""
+    from pipeline.batch import maintain_tables
+    from pipeline.storage import open_store
+
+    with console.status("maintaining") as status:
+        results = maintain_tables(
+            open_store(root), retention_hours=retention_hours, progress=_progress(status)
+        )
+    table = Table(title="maintenance")
+    for header in ("table", "files compacted", "files written", "files vacuumed", "version"):
+        table.add_column(header, justify="left" if header == "table" else "right")
+    for name, result in results.items():
+        table.add_row(
+            name,
+            str(result.files_removed),
+            str(result.files_added),
+            str(result.vacuumed),
+            str(result.version),
+        )
+    out.print(table)
+
+
+@app.command()
+def bench(
+    scale: float = typer.Option(0.1, "--scale", help="Scale of the full load (1.0 is the Instacart size)."),
+    root: Optional[str] = typer.Option(
+        None, "--root", help="Local folder for the benchmark's lakes (default: a temp dir)."
+    ),
+    json_file: Optional[str] = typer.Option(
+        None, "--json", help="Also write the figures as JSON to this file."
+    ),
+    small_scale: float = typer.Option(0.1, "--small-scale", help="The smaller lake of the growth figure."),
+    seed: int = typer.Option(42, "--seed", help="Random seed of the generated data."),
+) -> None:
+    """Benchmark: floor, full load, daily batch, replay, growth, maintenance; wall, CPU, peak RSS, rows/s."""
+    from pipeline.bench import print_figures, run_bench
+
+    with console.status("benchmark") as status:
+        figures = run_bench(
+            scale=scale, small_scale=small_scale, root=root, seed=seed, progress=_progress(status)
+        )
+    print_figures(figures, out)
+    if json_file:
+        import json
+        from pathlib import Path
+
+        Path(json_file).write_text(json.dumps(figures, indent=2))
+        out.print(f"figures written to {json_file}")
 
 
 @app.command()

@@ -199,3 +199,43 @@ def count_rows(uri: str) -> int:
     """The number of rows of the table at ``uri`` (0 when there is no table)."""
     lazy = scan(uri)
     return 0 if lazy is None else int(lazy.select(pl.len()).collect().item())
+
+
+@dataclass(frozen=True)
+class MaintenanceResult:
+    """What maintenance did to one table."""
+
+    files_removed: int
+    files_added: int
+    vacuumed: int
+    version: int | None
+
+
+def maintain_table(
+    uri: str, *, retention_hours: int, target_size: int | None = None
+) -> MaintenanceResult | None:
+    """Compact small files, vacuum files unreferenced for ``retention_hours``, write a checkpoint.
+
+    Vacuum keeps delta-rs's retention check (at least the table's ``deletedFileRetentionDuration``,
+    7 days by default), so readers of recent versions are never broken. None: no table.
+    """
+    table = open_table(uri)
+    if table is None:
+        return None
+    try:
+        metrics = table.optimize.compact(target_size=target_size)
+        vacuumed = table.vacuum(
+            retention_hours=retention_hours, dry_run=False, enforce_retention_duration=True
+        )
+        table.create_checkpoint()
+        table.cleanup_metadata()
+    except CommitFailedError as error:
+        raise CommitConflictError(
+            f"another writer committed to {uri} during maintenance; retry ({error})"
+        ) from error
+    return MaintenanceResult(
+        files_removed=int(metrics.get("numFilesRemoved", 0)),
+        files_added=int(metrics.get("numFilesAdded", 0)),
+        vacuumed=len(vacuumed),
+        version=table.version(),
+    )

@@ -378,8 +378,13 @@ def generate_next_day(
     seed: int = 42,
     dirty: bool = True,
     progress: Progress | None = None,
+    product_limit: int | None = None,
 ) -> Generated:
-    """Write the next day's batch for the lake at ``store``: new orders and items, updates, renames."""
+    """Write the next day's batch for the lake at ``store``: new orders and items, updates, renames.
+
+    ``product_limit`` keeps the items' product ids at or below it, so the same batch finds all its
+    products in a smaller lake too (the benchmark's growth figure merges one batch into two lakes).
+    """
     report = progress or (lambda _: None)
     orders_scan = delta.scan(table_uri(store, "orders"))
     products_scan = delta.scan(table_uri(store, "products"))
@@ -389,7 +394,6 @@ def generate_next_day(
     stats = orders_scan.select(pl.col("date").max(), pl.col("order_id").max()).collect()
     last_day, last_order = stats.row(0)
     last_item = items_scan.select(pl.col("id").max()).collect().item()
-    product_ids = products_scan.select("product_id").collect().to_series()
     day = date.fromisoformat(last_day) + timedelta(days=1)
     rng = np.random.default_rng([seed, day.toordinal()])
 
@@ -400,23 +404,23 @@ def generate_next_day(
         f"generating day {day}: {n_orders:,} new orders, {n_items:,} order items, updates and product changes"
     )
     new_orders = _orders(rng, last_order + 1, n_orders, n_users, np.full(n_orders, (day - FIRST_DAY).days))
+    product_count = int(products_scan.select(pl.len()).collect().item())
+    highest_product = int(products_scan.select(pl.col("product_id").max()).collect().item())
     new_items = _items(
-        rng,
-        new_orders,
-        last_item + 1,
-        n_items,
-        int(products_scan.select(pl.col("product_id").max()).collect().item()),
+        rng, new_orders, last_item + 1, n_items, min(highest_product, product_limit or highest_product)
     )
 
     # Corrections to recent orders keep their timestamp (so they apply) and change the amount.
     updated = (
         orders_scan.filter(pl.col("date") == last_day)
+        .sort("order_id")
         .head(max(1, n_orders // 100))
         .collect()
         .with_columns((pl.col("total_amount") + 1.25).round(2))
     )
     renamed = (
-        products_scan.head(max(1, product_ids.len() // 1000))
+        products_scan.sort("product_id")
+        .head(max(1, product_count // 1000))
         .collect()
         .with_columns(pl.format("{} (new recipe)", pl.col("product_name")).alias("product_name"))
     )

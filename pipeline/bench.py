@@ -1,0 +1,243 @@
+"""The benchmark: how close a full load is to the hardware floor, and what a daily batch costs.
+
+Every measured phase runs in a child process of its own, so its wall time, CPU time and peak
+resident memory (``wait4``: the child and anything it waited for) are its alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.specs import TABLES
+
+Progress = Callable[[str], None]
+GIB = 1 << 30
+
+
+def _measure(name: str, argv: list[str], workdir: Path, rows: int | None = None) -> dict[str, Any]:
+    """Run ``argv`` as a child process and take its wall, CPU and peak RSS."""
+    log = workdir / f"{name.replace(' ', '_')}.log"
+    with log.open("wb") as output:
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        child.returncode = (
+            os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+        )
+    if child.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"benchmark phase {name!r} failed: {' / '.join(tail)}")
+    return {
+        "phase": name,
+        "rows": rows,
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),  # Linux reports KiB
+        "rows_per_s": round(rows / wall) if rows else None,
+    }
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def _internal(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.bench", *args]
+
+
+def _latest_report(root: Path) -> dict[str, Any]:
+    reports = sorted((root / "reports").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return dict(json.loads(reports[-1].read_text()))
+
+
+def _rows_in(report: dict[str, Any]) -> int:
+    return sum(step["rows_in"] for step in report["steps"])
+
+
+def _versions(report: dict[str, Any]) -> dict[str, int | None]:
+    return {step["table"]: step["delta_version"] for step in report["steps"]}
+
+
+def _restore_batch(root: Path, batch_id: str) -> None:
+    """Put a finished batch's archived files back into ``raw/`` (to replay it)."""
+    for table in TABLES:
+        for path in sorted((root / "archived" / table / batch_id).glob("*.csv")):
+            shutil.copy(path, root / "raw" / table / path.name)
+
+
+def _copy_batch(source: Path, batch_id: str, target: Path) -> None:
+    for table in TABLES:
+        (target / "raw" / table).mkdir(parents=True, exist_ok=True)
+        for path in sorted((source / "archived" / table / batch_id).glob("*.csv")):
+            shutil.copy(path, target / "raw" / table / path.name)
+
+
+def run_bench(
+    *, scale: float, small_scale: float = 0.1, root: str | None = None, seed: int = 42, progress: Progress
+) -> dict[str, Any]:
+    """Run every phase and return the figures (see the README's benchmark section)."""
+    from pipeline.generate import PRODUCTS_AT_SCALE_1
+
+    base = Path(root) if root else Path(tempfile.mkdtemp(prefix="lakehouse-bench-"))
+    big, small, logs = base / "lake", base / "small-lake", base / "logs"
+    for path in (big, small):
+        if path.exists():
+            shutil.rmtree(path)
+    logs.mkdir(parents=True, exist_ok=True)
+    phases: list[dict[str, Any]] = []
+
+    progress(f"generating scale {scale}")
+    generated = _measure(
+        "generate", _cli("generate", "--root", str(big), "--scale", str(scale), "--seed", str(seed)), logs
+    )
+    progress("floor: typed read + Parquet write")
+    floor = _measure("floor", _internal("floor", str(big), str(base / "floor")), logs)
+    progress("full load")
+    full = _measure("full load", _cli("run", "--root", str(big)), logs)
+    full_report = _latest_report(big)
+    rows_total = _rows_in(full_report)  # the floor reads the very same files
+    floor["rows"], full["rows"] = rows_total, rows_total
+    for figure in (floor, full):
+        figure["rows_per_s"] = round(rows_total / figure["wall_s"])
+    phases += [generated, floor, full]
+
+    progress("generating the daily batch")
+    products_small = max(10, round(PRODUCTS_AT_SCALE_1 * small_scale))
+    _measure(
+        "generate day",
+        [
+            *_cli("generate", "--root", str(big), "--scale", str(scale), "--seed", str(seed), "--next-day"),
+            "--product-limit",
+            str(products_small),
+        ],
+        logs,
+    )
+    progress("daily batch")
+    daily = _measure("daily batch", _cli("run", "--root", str(big)), logs)
+    day_report = _latest_report(big)
+    daily["rows"] = _rows_in(day_report)
+    daily["rows_per_s"] = round(daily["rows"] / daily["wall_s"])
+    phases.append(daily)
+
+    progress("replay of the daily batch")
+    _restore_batch(big, day_report["batch_id"])
+    replay = _measure("replay", _cli("run", "--root", str(big)), logs)
+    replay_report = _latest_report(big)
+    replay["rows"] = _rows_in(replay_report)
+    replay["rows_per_s"] = round(replay["rows"] / replay["wall_s"])
+    replay["note"] = (
+        "no new commit"
+        if _versions(replay_report) == _versions(day_report)
+        else "tables changed (unexpected)"
+    )
+    phases.append(replay)
+
+    progress(f"growth: the same daily batch into a scale-{small_scale} lake")
+    _measure(
+        "generate small",
+        _cli("generate", "--root", str(small), "--scale", str(small_scale), "--seed", str(seed)),
+        logs,
+    )
+    _measure("full load small", _cli("run", "--root", str(small)), logs)
+    _copy_batch(big, day_report["batch_id"], small)
+    grown = _measure(f"daily batch into scale {small_scale}", _cli("run", "--root", str(small)), logs)
+    grown["rows"] = _rows_in(_latest_report(small))
+    grown["rows_per_s"] = round(grown["rows"] / grown["wall_s"])
+    phases.append(grown)
+
+    progress("read speed before and after maintenance")
+    before = _measure("scan before maintain", _internal("scan", str(big)), logs)
+    maintain = _measure("maintain", _cli("maintain", "--root", str(big), "--retention-hours", "168"), logs)
+    after = _measure("scan after maintain", _internal("scan", str(big)), logs)
+    phases += [before, maintain, after]
+
+    return {
+        "scale": scale,
+        "small_scale": small_scale,
+        "root": str(base),
+        "cpus": os.cpu_count(),
+        "phases": phases,
+        "full_load_vs_floor": round(full["wall_s"] / floor["wall_s"], 2),
+        "growth_ratio": round(daily["wall_s"] / grown["wall_s"], 2),
+    }
+
+
+def print_figures(figures: dict[str, Any], console: Console) -> None:
+    """The figures as a table, with the two ratios the targets are about."""
+    table = Table(title=f"benchmark at scale {figures['scale']} ({figures['cpus']} CPUs)")
+    for header in ("phase", "rows", "wall s", "CPU s", "peak RSS GiB", "rows/s", "note"):
+        table.add_column(header, justify="left" if header in ("phase", "note") else "right")
+    for phase in figures["phases"]:
+        table.add_row(
+            phase["phase"],
+            f"{phase['rows']:,}" if phase.get("rows") else "",
+            f"{phase['wall_s']:.2f}",
+            f"{phase['cpu_s']:.2f}",
+            f"{phase['peak_rss_gib']:.2f}",
+            f"{phase['rows_per_s']:,}" if phase.get("rows_per_s") else "",
+            phase.get("note", ""),
+        )
+    console.print(table)
+    console.print(
+        f"full load / floor: {figures['full_load_vs_floor']}x; growth (daily batch at scale "
+        f"{figures['scale']} vs {figures['small_scale']}): {figures['growth_ratio']}x; "
+        f"files under {figures['root']}"
+    )
+
+
+def floor(root: Path, out: Path) -> None:
+    """The hardware floor: a typed Polars read of the raw CSVs and a Parquet write, nothing else."""
+    import polars as pl
+
+    from pipeline.validate import polars_type
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in TABLES.items():
+        types = {c.name: (pl.String() if c.type == "timestamp" else polars_type(c)) for c in spec.columns}
+        files = [
+            pl.scan_csv(str(path), schema_overrides=types, ignore_errors=True, truncate_ragged_lines=True)
+            for path in sorted((root / "raw" / name).glob("*.csv"))
+        ]
+        frame = pl.concat(files, how="diagonal_relaxed").with_columns(
+            pl.col(c.name).str.to_datetime(strict=False, time_unit="us", time_zone="UTC")
+            for c in spec.columns
+            if c.type == "timestamp"
+        )
+        frame.sink_parquet(out / f"{name}.parquet")
+
+
+def scan(root: Path) -> None:
+    """Read every column of every table once (the read speed maintenance is meant to improve)."""
+    import polars as pl
+
+    from pipeline import delta
+    from pipeline.batch import table_uri
+    from pipeline.storage import open_store
+
+    store = open_store(str(root))
+    for name in TABLES:
+        lazy = delta.scan(table_uri(store, name))
+        if lazy is not None:
+            lazy.select(pl.all().null_count()).collect()
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    if command == "floor":
+        floor(Path(arguments[0]), Path(arguments[1]))
+    elif command == "scan":
+        scan(Path(arguments[0]))
+    else:
+        raise SystemExit(f"unknown benchmark phase {command!r}")

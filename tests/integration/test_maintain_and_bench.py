@@ -1,0 +1,72 @@
+"""Delta maintenance, and a smoke run of the benchmark (its figures are not asserted, only produced)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from deltalake import DeltaTable
+
+from pipeline.batch import maintain_tables, run_batch, table_uri
+from pipeline.cli import main
+from pipeline.storage import open_store
+from tests.helpers import write_raw
+
+
+def test_maintain_compacts_daily_files_and_keeps_the_data(root: Path) -> None:
+    store = open_store(str(root))
+    write_raw(root, "products", "p.csv", "5,2,Books,Novel")
+    for day in range(3):
+        # Inserts into an existing partition add a file beside the old ones: what compaction is for.
+        for table, line in (
+            ("orders", f"1,{day + 10},7,2025-04-01T11:27:00,12.50,2025-04-01"),
+            ("order_items", f"{day + 1},{day + 10},7,,5,1,0,2025-04-01T11:27:00,2025-04-01"),
+        ):
+            write_raw(root, table, f"day{day}.csv", line)
+        if day:
+            write_raw(root, "products", f"p{day}.csv", "5,2,Books,Novel")
+        run_batch(store)
+    uri = table_uri(store, "orders")
+    before = pl.read_delta(uri).sort("order_id")
+    files_before = len(DeltaTable(uri).file_uris())
+    results = maintain_tables(store, retention_hours=168)
+    assert results["orders"].files_removed > results["orders"].files_added
+    assert len(DeltaTable(uri).file_uris()) < files_before
+    assert pl.read_delta(uri).sort("order_id").equals(before)
+    # Files replaced by compaction stay until the retention has passed: older versions still read.
+    assert results["orders"].vacuumed == 0
+    assert pl.read_delta(uri, version=0).height > 0
+    assert (Path(uri) / "_delta_log" / "_last_checkpoint").exists()
+
+
+def test_maintain_command_on_an_empty_root(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["maintain", "--root", str(root)])
+    assert "maintenance" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(tmp_path: Path) -> None:
+    figures_file = tmp_path / "bench.json"
+    main(
+        [
+            "bench",
+            "--scale",
+            "0.003",
+            "--small-scale",
+            "0.002",
+            "--root",
+            str(tmp_path / "b"),
+            "--json",
+            str(figures_file),
+        ]
+    )
+    figures = json.loads(figures_file.read_text())
+    phases = {phase["phase"]: phase for phase in figures["phases"]}
+    assert {"floor", "full load", "daily batch", "replay", "maintain"} <= set(phases)
+    assert phases["replay"]["note"] == "no new commit"
+    assert all(phase["peak_rss_gib"] > 0 and phase["wall_s"] > 0 for phase in phases.values())
+    assert phases["daily batch"]["rows"] == phases["daily batch into scale 0.002"]["rows"]
+    shutil.rmtree(tmp_path / "b")
