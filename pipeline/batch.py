@@ -36,10 +36,19 @@ from pipeline.manifest import (
     snapshot,
     unfinished_manifests,
 )
-from pipeline.reader import RAW_RECORD, SOURCE_FILE, SOURCE_LINE, FileLayout, read_chunks, read_layout
+from pipeline.reader import (
+    RAW_RECORD,
+    SOURCE_FILE,
+    SOURCE_LINE,
+    FileLayout,
+    column_text,
+    prefetched,
+    read_chunks,
+    read_layout,
+)
 from pipeline.specs import TABLES, TableSpec
 from pipeline.storage import Store
-from pipeline.validate import REASONS, TIMESTAMP, validate
+from pipeline.validate import REASONS, TIMESTAMP, parse_text, validate
 
 LAKEHOUSE = "lakehouse-dwh"
 REJECTED = "rejected"
@@ -182,6 +191,16 @@ def _original_text(
     return _rejected_rows(pl.concat(found), spec)
 
 
+def _repeated_keys(sources: list[tuple[str, Path, FileLayout]], spec: TableSpec) -> pl.Series:
+    """Keys that occur more than once in the batch's files: the only rows dedup can reject."""
+    key = spec.column(spec.primary_key)
+    texts = [column_text(path, layout, key.name) for _, path, layout in sources if layout.field_count]
+    if not texts:
+        return pl.Series(key.name, [], pl.Int32)
+    keys = parse_text(pl.concat(texts), key).drop_nulls()
+    return keys.filter(keys.is_duplicated()).unique()
+
+
 def run_step(
     store: Store,
     manifest: Manifest,
@@ -198,7 +217,11 @@ def run_step(
     started = time.monotonic()
     batch_id = manifest.batch_id
     typed_columns = [typed(name) for name in spec.column_names]
+    text_columns = [*spec.column_names, SOURCE_FILE, SOURCE_LINE, ORDER]
     valid_parts: list[pl.DataFrame] = []
+    # Valid rows are kept in typed form only; the original text is kept for the few that dedup or the
+    # reference check may still reject (a repeated key, an unknown reference).
+    text_parts: list[pl.DataFrame] = []
     rejected_parts: list[pl.DataFrame] = []
     extra_columns: dict[str, list[str]] = {}
     empty_files: list[str] = []
@@ -206,9 +229,8 @@ def run_step(
     rows_in = 0
 
     with ExitStack() as local_copies:
-        for file_index, entry in enumerate(manifest.files[spec.name]):
+        for entry in manifest.files[spec.name]:
             key, _ = _locate(store, spec.name, batch_id, entry)
-            progress(f"{spec.name}: reading {entry.key}")
             path = local_copies.enter_context(store.local_path(key))
             layout = read_layout(path, spec, entry.key)
             if layout is None:
@@ -217,16 +239,32 @@ def run_step(
             elif layout.extra:
                 extra_columns[entry.key] = layout.extra
             sources.append((entry.key, path, layout))
+
+        progress(f"{spec.name}: looking for repeated keys and loading referenced keys")
+        repeated = _repeated_keys(sources, spec).implode()
+        known = {
+            fk.column: delta.column_values(table_uri(store, fk.ref_table), fk.ref_column)
+            for fk in spec.foreign_keys
+        }
+        at_risk = pl.any_horizontal(
+            pl.col(typed(spec.primary_key)).is_in(repeated),
+            *(~pl.col(typed(fk.column)).is_in(known[fk.column].implode()) for fk in spec.foreign_keys),
+        )
+
+        for file_index, (source, path, layout) in enumerate(sources):
             if not layout.field_count:
                 continue
-            for chunk in read_chunks(path, spec, entry.key, layout):
+            progress(f"{spec.name}: reading {source}")
+            for chunk in prefetched(read_chunks(path, spec, source, layout)):
                 rows_in += chunk.records.height + chunk.malformed.height
                 if chunk.malformed.height:
                     rejected_parts.append(_malformed_rows(chunk.malformed, spec))
                 checked = validate(chunk.records, spec, layout.missing)
                 is_valid = pl.col(REASONS).list.len() == 0
                 rejected_parts.append(_rejected_rows(checked.filter(~is_valid), spec))
-                valid_parts.append(checked.filter(is_valid).select(*typed_columns, _order_of(file_index)))
+                valid = checked.filter(is_valid).with_columns(_order_of(file_index))
+                text_parts.append(valid.filter(at_risk).select(text_columns))
+                valid_parts.append(valid.select(*typed_columns, ORDER))
 
         progress(f"{spec.name}: deduplicating and checking references")
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
@@ -234,21 +272,16 @@ def run_step(
         if valid.height:
             survivors, duplicates = split_duplicates(valid, spec)
             del valid
-            known = {
-                fk.column: delta.existing_values(
-                    table_uri(store, fk.ref_table),
-                    fk.ref_column,
-                    survivors.get_column(typed(fk.column)).unique(),
-                )
-                for fk in spec.foreign_keys
-            }
             survivors, orphans = split_orphans(survivors, spec, known)
-            late = pl.concat([duplicates, orphans])
-            if late.height:
-                progress(
-                    f"{spec.name}: reading the original text of {late.height:,} duplicate or orphan rows"
-                )
-                rejected_parts.append(_original_text(late, sources, spec))
+            late = pl.concat([duplicates, orphans]).select(ORDER, REASONS)
+            texts = pl.concat(text_parts)
+            with_text = late.join(texts, on=ORDER, how="inner")
+            rejected_parts.append(_rejected_rows(with_text, spec))
+            unmatched = late.join(texts, on=ORDER, how="anti")
+            if unmatched.height:
+                # Only when the fast key pre-scan and the reader disagreed about a record.
+                progress(f"{spec.name}: reading the original text of {unmatched.height:,} rows again")
+                rejected_parts.append(_original_text(unmatched, sources, spec))
             rows = survivors.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
             del survivors
         else:

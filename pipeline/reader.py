@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, Full, Queue
 from typing import Any
 
 import numpy as np
@@ -184,6 +186,73 @@ def _place_rows(
         schema={SOURCE_FILE: pl.String, SOURCE_LINE: pl.Int64, RAW_RECORD: pl.String},
     )
     return RawChunk(shaped, malformed)
+
+
+def column_text(path: Path, layout: FileLayout, name: str) -> pl.Series:
+    """The original text of one column of a file, read fast (Polars, all cores) for a pre-scan.
+
+    Records are those of ``read_chunks`` as long as both parsers agree; callers use it only to narrow
+    down work and must not depend on it for correctness.
+    """
+    if name not in layout.positions:
+        return pl.Series(name, [], pl.String)
+    try:
+        frame = pl.read_csv(
+            path,
+            has_header=False,
+            skip_rows=layout.header_lines,
+            columns=[layout.positions[name]],
+            infer_schema=False,
+            truncate_ragged_lines=True,
+            raise_if_empty=False,
+        )
+    except pl.exceptions.PolarsError:
+        # A file with no data rows, or text Polars cannot split: the caller's fallback covers it.
+        return pl.Series(name, [], pl.String)
+    return frame.to_series(0).alias(name) if frame.width else pl.Series(name, [], pl.String)
+
+
+def prefetched(chunks: Iterator[RawChunk], depth: int = 2) -> Iterator[RawChunk]:
+    """Iterate ``chunks`` on a background thread so CSV parsing overlaps the caller's work.
+
+    pyarrow parses with the GIL released, so this uses the second core while Polars validates.
+    """
+    done = object()
+    queue: Queue[object] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        queue.put(chunk, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            queue.put(error)
+
+    worker = threading.Thread(target=produce, name="csv-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                queue.get_nowait()
+            except Empty:
+                worker.join(timeout=0.1)
 
 
 def _empty_records(spec: TableSpec) -> pl.DataFrame:

@@ -86,6 +86,12 @@ def _reason_list(pairs: Iterable[tuple[pl.Expr, str]]) -> pl.Expr:
     return pl.concat_list(flagged).list.drop_nulls()
 
 
+def parse_text(text: pl.Series, column: Column) -> pl.Series:
+    """The typed values of original ``text`` of ``column`` (null where empty or unparseable)."""
+    frame = pl.DataFrame({column.name: text})
+    return frame.select(_parsed(column, _cleaned(column.name))).to_series()
+
+
 def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()) -> pl.DataFrame:
     """Parse ``records`` (original text per column) and list the reasons each row is rejected.
 

@@ -325,3 +325,31 @@ def test_original_public_sample_loads_whole(root: Path) -> None:
         "order_items": (40803, 40803, 0),
     }
     assert report.table_counts == {"products": 1000, "orders": 7500, "order_items": 40803}
+
+
+def test_late_rejects_keep_their_text_without_reading_files_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.001, seed=9)
+
+    def no_second_read(*args: object, **kwargs: object) -> pl.DataFrame:
+        raise AssertionError("the files were read a second time")
+
+    monkeypatch.setattr(batch_module, "_original_text", no_second_read)
+    report = run_batch(store)
+    late = {"duplicate_row", "duplicate_key", "unknown_order_id", "unknown_product_id"}
+    assert any(reason in late for step in report.steps for reason in step.rejected_by_reason)
+
+
+def test_late_rejects_fall_back_to_reading_again_when_the_key_scan_misses(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small_batch(root)
+    monkeypatch.setattr(batch_module, "_repeated_keys", lambda sources, spec: pl.Series([], dtype=pl.Int32))
+    run_batch(open_store(str(root)))
+    rejected = pl.read_delta(rejected_uri(open_store(str(root)), "products")).sort("source_line")
+    assert rejected.select("product_id", "department", "reject_reasons").rows() == [
+        ("6", "Toys", ["duplicate_row"]),
+        ("x", "Home", ["invalid:product_id"]),
+    ]
