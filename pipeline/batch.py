@@ -41,7 +41,7 @@ from pipeline.reader import (
     SOURCE_FILE,
     SOURCE_LINE,
     FileLayout,
-    column_text,
+    columns_text,
     prefetched,
     read_chunks,
     read_layout,
@@ -191,14 +191,33 @@ def _original_text(
     return _rejected_rows(pl.concat(found), spec)
 
 
-def _repeated_keys(sources: list[tuple[str, Path, FileLayout]], spec: TableSpec) -> pl.Series:
-    """Keys that occur more than once in the batch's files: the only rows dedup can reject."""
-    key = spec.column(spec.primary_key)
-    texts = [column_text(path, layout, key.name) for _, path, layout in sources if layout.field_count]
-    if not texts:
-        return pl.Series(key.name, [], pl.Int32)
-    keys = parse_text(pl.concat(texts), key).drop_nulls()
-    return keys.filter(keys.is_duplicated()).unique()
+@dataclass
+class _PreScan:
+    """What a fast read of the key and reference columns says about a batch's files."""
+
+    repeated_keys: pl.Series
+    references: dict[str, pl.Series]
+
+
+def _pre_scan(sources: list[tuple[str, Path, FileLayout]], spec: TableSpec) -> _PreScan:
+    """Keys occurring more than once (the only rows dedup can reject) and the referenced values."""
+    names = [spec.primary_key, *(fk.column for fk in spec.foreign_keys)]
+    texts = [columns_text(path, layout, names) for _, path, layout in sources if layout.field_count]
+    frame = pl.concat(texts) if texts else pl.DataFrame(schema={name: pl.String for name in names})
+    parsed = {name: parse_text(frame.get_column(name), spec.column(name)).drop_nulls() for name in names}
+    keys = parsed[spec.primary_key]
+    return _PreScan(
+        repeated_keys=keys.filter(keys.is_duplicated()).unique(),
+        references={fk.column: parsed[fk.column].unique() for fk in spec.foreign_keys},
+    )
+
+
+def _known_references(store: Store, spec: TableSpec, values: dict[str, pl.Series]) -> dict[str, pl.Series]:
+    """Which of ``values`` (per foreign-key column) exist in the referenced lakehouse tables."""
+    return {
+        fk.column: delta.existing_values(table_uri(store, fk.ref_table), fk.ref_column, values[fk.column])
+        for fk in spec.foreign_keys
+    }
 
 
 def run_step(
@@ -240,14 +259,11 @@ def run_step(
                 extra_columns[entry.key] = layout.extra
             sources.append((entry.key, path, layout))
 
-        progress(f"{spec.name}: looking for repeated keys and loading referenced keys")
-        repeated = _repeated_keys(sources, spec).implode()
-        known = {
-            fk.column: delta.column_values(table_uri(store, fk.ref_table), fk.ref_column)
-            for fk in spec.foreign_keys
-        }
+        progress(f"{spec.name}: looking for repeated keys and looking up references")
+        scanned = _pre_scan(sources, spec)
+        known = _known_references(store, spec, scanned.references)
         at_risk = pl.any_horizontal(
-            pl.col(typed(spec.primary_key)).is_in(repeated),
+            pl.col(typed(spec.primary_key)).is_in(scanned.repeated_keys.implode()),
             *(~pl.col(typed(fk.column)).is_in(known[fk.column].implode()) for fk in spec.foreign_keys),
         )
 
@@ -272,6 +288,16 @@ def run_step(
         if valid.height:
             survivors, duplicates = split_duplicates(valid, spec)
             del valid
+            # Values the pre-scan did not see (it and the reader disagreed) are looked up now.
+            unseen = {
+                fk.column: survivors.select(pl.col(typed(fk.column)).unique())
+                .filter(~pl.col(typed(fk.column)).is_in(scanned.references[fk.column].implode()))
+                .to_series()
+                for fk in spec.foreign_keys
+            }
+            if any(values.len() for values in unseen.values()):
+                extra = _known_references(store, spec, unseen)
+                known = {column: pl.concat([known[column], extra[column]]) for column in known}
             survivors, orphans = split_orphans(survivors, spec, known)
             late = pl.concat([duplicates, orphans]).select(ORDER, REASONS)
             texts = pl.concat(text_parts)

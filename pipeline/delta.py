@@ -170,14 +170,6 @@ def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch
     return table_version(uri)
 
 
-def column_values(uri: str, column: str) -> pl.Series:
-    """The distinct values of ``column`` in the table at ``uri`` (empty when there is no table)."""
-    table = open_table(uri)
-    if table is None:
-        return pl.Series(column, [], pl.Int32)
-    return _scan(table).select(pl.col(column).unique()).collect().to_series()
-
-
 def existing_values(uri: str, column: str, candidates: pl.Series) -> pl.Series:
     """The values among ``candidates`` that occur in ``column`` of the table at ``uri``."""
     table = open_table(uri)
@@ -201,6 +193,12 @@ def scan(uri: str) -> pl.LazyFrame | None:
 
 def _scan(table: DeltaTable) -> pl.LazyFrame:
     return pl.scan_delta(table.table_uri, version=table.version(), storage_options=_options())
+
+
+def data_file_count(uri: str) -> int:
+    """The number of data files the current version of the table at ``uri`` references."""
+    table = open_table(uri)
+    return 0 if table is None else len(table.file_uris())
 
 
 def count_rows(uri: str) -> int:

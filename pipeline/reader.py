@@ -188,28 +188,35 @@ def _place_rows(
     return RawChunk(shaped, malformed)
 
 
-def column_text(path: Path, layout: FileLayout, name: str) -> pl.Series:
-    """The original text of one column of a file, read fast (Polars, all cores) for a pre-scan.
+def columns_text(path: Path, layout: FileLayout, names: list[str]) -> pl.DataFrame:
+    """The original text of some columns of a file, read fast (Polars, all cores) for a pre-scan.
 
     Records are those of ``read_chunks`` as long as both parsers agree; callers use it only to narrow
-    down work and must not depend on it for correctness.
+    down work and must not depend on it for correctness. Columns the file lacks are null.
     """
-    if name not in layout.positions:
-        return pl.Series(name, [], pl.String)
+    present = sorted((layout.positions[name], name) for name in names if name in layout.positions)
+    empty = pl.DataFrame(schema={name: pl.String for name in names})
+    if not present:
+        return empty
     try:
         frame = pl.read_csv(
             path,
             has_header=False,
             skip_rows=layout.header_lines,
-            columns=[layout.positions[name]],
+            columns=[position for position, _ in present],
             infer_schema=False,
             truncate_ragged_lines=True,
             raise_if_empty=False,
         )
     except pl.exceptions.PolarsError:
         # A file with no data rows, or text Polars cannot split: the caller's fallback covers it.
-        return pl.Series(name, [], pl.String)
-    return frame.to_series(0).alias(name) if frame.width else pl.Series(name, [], pl.String)
+        return empty
+    if frame.width != len(present):
+        return empty
+    frame.columns = [name for _, name in present]
+    return frame.select(
+        pl.col(name) if name in frame.columns else pl.lit(None, pl.String).alias(name) for name in names
+    )
 
 
 def prefetched(chunks: Iterator[RawChunk], depth: int = 2) -> Iterator[RawChunk]:

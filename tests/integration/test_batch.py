@@ -346,8 +346,18 @@ def test_late_rejects_fall_back_to_reading_again_when_the_key_scan_misses(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     small_batch(root)
-    monkeypatch.setattr(batch_module, "_repeated_keys", lambda sources, spec: pl.Series([], dtype=pl.Int32))
-    run_batch(open_store(str(root)))
+
+    def blind_scan(sources: object, spec: TableSpec) -> batch_module._PreScan:
+        empty = pl.Series([], dtype=pl.Int32)
+        return batch_module._PreScan(empty, {fk.column: empty for fk in spec.foreign_keys})
+
+    monkeypatch.setattr(batch_module, "_pre_scan", blind_scan)
+    report = run_batch(open_store(str(root)))
+    assert {s.table: s.rejected_by_reason for s in report.steps}["order_items"] == {
+        "malformed_row": 1,
+        "unknown_order_id": 1,
+        "unknown_product_id": 1,
+    }
     rejected = pl.read_delta(rejected_uri(open_store(str(root)), "products")).sort("source_line")
     assert rejected.select("product_id", "department", "reject_reasons").rows() == [
         ("6", "Toys", ["duplicate_row"]),
