@@ -87,9 +87,19 @@ def _reason_list(pairs: Iterable[tuple[pl.Expr, str]]) -> pl.Expr:
 
 
 def parse_text(text: pl.Series, column: Column) -> pl.Series:
-    """The typed values of original ``text`` of ``column`` (null where empty or unparseable)."""
-    frame = pl.DataFrame({column.name: text})
-    return frame.select(_parsed(column, _cleaned(column.name))).to_series()
+    """The typed values of ``text`` as written (untrimmed; null where it does not parse).
+
+    For pre-scans that only narrow work down: a value with surrounding blanks parses as null here.
+    """
+    return pl.DataFrame({column.name: text}).select(_parsed(column, pl.col(column.name))).to_series()
+
+
+def _date_rule(spec: TableSpec, typed_names: dict[str, str]) -> list[tuple[pl.Expr, str]]:
+    if spec.date_of is None:
+        return []
+    date_name, timestamp_name = spec.date_of
+    date, timestamp = pl.col(typed_names[date_name]), pl.col(typed_names[timestamp_name])
+    return [((date != timestamp.dt.date()).fill_null(False), "date_mismatch")]
 
 
 def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()) -> pl.DataFrame:
@@ -98,8 +108,50 @@ def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()
     Returns ``records`` with ``typed__<column>`` columns holding the parsed values and a
     ``reject_reasons`` list (empty for a valid row). ``missing`` names the columns the source file
     lacks: those rows get ``missing_column:<col>`` and the other columns are still checked.
+
+    Most rows are clean, so values are first parsed as written, without trimming (a copy of every
+    string). A row passes that way only if the full rules would give it the same values and no
+    reason; every other row goes through the full rules.
     """
-    missing = set(missing)
+    if missing:
+        return _validate_fully(records, spec, set(missing))
+    typed_names = {column.name: f"typed__{column.name}" for column in spec.columns}
+    parsed = records.with_columns(
+        _parsed(column, _cleaned(column.name) if column.type == "string" else pl.col(column.name)).alias(
+            typed_names[column.name]
+        )
+        for column in spec.columns
+    )
+    passes = []
+    for column in spec.columns:
+        typed = pl.col(typed_names[column.name])
+        if column.nullable:
+            # Null as written only when the text is empty; blanks need the full rules.
+            passes.append(typed.is_not_null() | (pl.col(column.name) == ""))
+        else:
+            passes.append(typed.is_not_null())
+        out_of_range = _out_of_range(column, typed)
+        if out_of_range is not None:
+            passes.append(~out_of_range)
+    passes += [~condition for condition, _ in _date_rule(spec, typed_names)]
+    # A null verdict (a null text) must not drop the row from both sides: it takes the full rules.
+    flagged = parsed.with_columns(pl.all_horizontal(passes).fill_null(False).alias("passes__"))
+    clean = flagged.filter(pl.col("passes__")).drop("passes__")
+    rest = flagged.filter(~pl.col("passes__")).select(records.columns)
+    checked = pl.concat(
+        [
+            clean.with_columns(pl.lit([], pl.List(pl.String)).alias(REASONS)),
+            _validate_fully(rest, spec, set()),
+        ]
+    )
+    if checked.height != records.height:
+        raise AssertionError(
+            f"validation of {spec.name} lost rows: {records.height} in, {checked.height} out"
+        )
+    return checked
+
+
+def _validate_fully(records: pl.DataFrame, spec: TableSpec, missing: set[str]) -> pl.DataFrame:
     typed_names = {column.name: f"typed__{column.name}" for column in spec.columns}
     cleaned = records.with_columns(
         _cleaned(column.name).alias(f"clean__{column.name}") for column in spec.columns
@@ -121,12 +173,10 @@ def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()
         out_of_range = _out_of_range(column, typed)
         if out_of_range is not None:
             reasons.append((out_of_range, f"range:{column.name}"))
-    if spec.date_of is not None:
-        date_name, timestamp_name = spec.date_of
-        date, timestamp = pl.col(typed_names[date_name]), pl.col(typed_names[timestamp_name])
-        reasons.append(((date != timestamp.dt.date()).fill_null(False), "date_mismatch"))
+    reasons += _date_rule(spec, typed_names)
 
     # Building lists is costly and most rows are valid: only rows breaking a rule get their list.
+    # Every condition above is non-null, so each row lands on exactly one side.
     broken = pl.any_horizontal([condition for condition, _ in reasons]) if reasons else pl.lit(False)
     flagged = parsed.with_columns(broken.alias("broken__"))
     valid = flagged.filter(~pl.col("broken__")).with_columns(pl.lit([], pl.List(pl.String)).alias(REASONS))

@@ -179,3 +179,28 @@ def test_validate_keeps_every_row() -> None:
     checked = validate(text_frame(ORDERS, rows), ORDERS)
     assert checked.height == 6
     assert sorted(checked.get_column("order_id").to_list()) == sorted(["1", "2", "3", "4", "5", "bad"])
+
+
+def test_fast_path_agrees_with_the_full_rules() -> None:
+    """Rows taken by the untrimmed fast path get exactly what the full rules would give them."""
+    from pipeline.validate import _validate_fully
+
+    variants: dict[str, list[str | None]] = {
+        "id": ["1", " 2", "+3", "0", "x", "", None],
+        "days_since_prior_order": ["3", "", " ", "-1", " 4 ", None],
+        "total": ["1"],
+        "order_timestamp": ["2025-04-01T11:27:00", " 2025-04-01T11:27:00", "2025-04-01 11:27:00Z", "bad"],
+        "date": ["2025-04-01", "2025-04-02", " 2025-04-01", "2025-02-30"],
+    }
+    rows = [
+        valid_item(id=i, days_since_prior_order=d, order_timestamp=t, date=day)
+        for i in variants["id"]
+        for d in variants["days_since_prior_order"]
+        for t in variants["order_timestamp"]
+        for day in variants["date"]
+    ]
+    frame = text_frame(ORDER_ITEMS, rows).with_row_index("row")
+    fast = validate(frame, ORDER_ITEMS).sort("row")
+    full = _validate_fully(frame, ORDER_ITEMS, set()).sort("row")
+    assert fast.height == full.height == len(rows)
+    assert fast.equals(full.select(fast.columns))
