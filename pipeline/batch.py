@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 import polars as pl
 
 from pipeline import delta
-from pipeline.dedup import ORDER, split_duplicates, split_orphans, typed
+from pipeline.dedup import ORDER, split_survivors, typed
 from pipeline.errors import (
     BatchLockedError,
     CheckFailedError,
@@ -286,11 +286,9 @@ def run_step(
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
         del valid_parts
         if valid.height:
-            survivors, duplicates = split_duplicates(valid, spec)
-            del valid
             # Values the pre-scan did not see (it and the reader disagreed) are looked up now.
             unseen = {
-                fk.column: survivors.select(pl.col(typed(fk.column)).unique())
+                fk.column: valid.select(pl.col(typed(fk.column)).unique())
                 .filter(~pl.col(typed(fk.column)).is_in(scanned.references[fk.column].implode()))
                 .to_series()
                 for fk in spec.foreign_keys
@@ -298,8 +296,9 @@ def run_step(
             if any(values.len() for values in unseen.values()):
                 extra = _known_references(store, spec, unseen)
                 known = {column: pl.concat([known[column], extra[column]]) for column in known}
-            survivors, orphans = split_orphans(survivors, spec, known)
-            late = pl.concat([duplicates, orphans]).select(ORDER, REASONS)
+            survivors, late = split_survivors(valid, spec, known)
+            del valid
+            late = late.select(ORDER, REASONS)
             texts = pl.concat(text_parts)
             with_text = late.join(texts, on=ORDER, how="inner")
             rejected_parts.append(_rejected_rows(with_text, spec))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from pipeline.dedup import ORDER, split_duplicates, split_orphans
+from pipeline.dedup import ORDER, split_survivors
 from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS, TableSpec
 from pipeline.validate import REASONS, validate
 from tests.helpers import text_frame, valid_item, valid_order, valid_product
@@ -24,14 +24,14 @@ def outcome(survivors: pl.DataFrame, losers: pl.DataFrame) -> tuple[list[int], d
 
 def test_identical_row_is_a_duplicate_row_and_the_first_survives() -> None:
     rows = [valid_order(order_id="1"), valid_order(order_id="2"), valid_order(order_id="1")]
-    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
+    kept, lost = outcome(*split_survivors(checked(ORDERS, rows), ORDERS, None))
     assert kept == [0, 1]
     assert lost == {2: ["duplicate_row"]}
 
 
 def test_rows_identical_after_parsing_are_duplicates() -> None:
     rows = [valid_order(total_amount="12.5"), valid_order(total_amount=" 12.50 ")]
-    _, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
+    _, lost = outcome(*split_survivors(checked(ORDERS, rows), ORDERS, None))
     assert lost == {1: ["duplicate_row"]}
 
 
@@ -41,14 +41,14 @@ def test_duplicate_key_keeps_the_greatest_order_timestamp() -> None:
         valid_order(order_timestamp="2025-04-01T13:00:00", total_amount="2"),
         valid_order(order_timestamp="2025-04-01T11:00:00", total_amount="3"),
     ]
-    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
+    kept, lost = outcome(*split_survivors(checked(ORDERS, rows), ORDERS, None))
     assert kept == [1]
     assert lost == {0: ["duplicate_key"], 2: ["duplicate_key"]}
 
 
 def test_duplicate_key_tie_keeps_the_later_row() -> None:
     rows = [valid_item(reordered="0"), valid_item(reordered="1"), valid_item(id="2")]
-    kept, lost = outcome(*split_duplicates(checked(ORDER_ITEMS, rows), ORDER_ITEMS))
+    kept, lost = outcome(*split_survivors(checked(ORDER_ITEMS, rows), ORDER_ITEMS, None))
     assert kept == [1, 2]
     assert lost == {0: ["duplicate_key"]}
 
@@ -59,7 +59,7 @@ def test_products_duplicate_key_keeps_the_later_row() -> None:
         valid_product(product_name="newer"),
         valid_product(product_id="6"),
     ]
-    survivors, losers = split_duplicates(checked(PRODUCTS, rows), PRODUCTS)
+    survivors, losers = split_survivors(checked(PRODUCTS, rows), PRODUCTS, None)
     assert survivors.filter(pl.col("typed__product_id") == 5).get_column("product_name").to_list() == [
         "newer"
     ]
@@ -72,14 +72,14 @@ def test_duplicate_row_and_duplicate_key_together() -> None:
         valid_order(order_timestamp="2025-04-01T12:00:00"),
         valid_order(order_timestamp="2025-04-01T10:00:00"),
     ]
-    kept, lost = outcome(*split_duplicates(checked(ORDERS, rows), ORDERS))
+    kept, lost = outcome(*split_survivors(checked(ORDERS, rows), ORDERS, None))
     assert kept == [0]
     assert lost == {1: ["duplicate_row"], 2: ["duplicate_key"]}
 
 
 def test_no_duplicates_keeps_everything() -> None:
     rows = [valid_order(order_id=str(i)) for i in range(1, 4)]
-    survivors, losers = split_duplicates(checked(ORDERS, rows), ORDERS)
+    survivors, losers = split_survivors(checked(ORDERS, rows), ORDERS, None)
     assert survivors.height == 3 and losers.height == 0
 
 
@@ -90,7 +90,7 @@ def test_unknown_order_id_and_product_id() -> None:
         valid_item(id="3", order_id="99", product_id="77"),
     ]
     known = {"order_id": pl.Series([10], dtype=pl.Int32), "product_id": pl.Series([5], dtype=pl.Int32)}
-    kept, orphans = split_orphans(checked(ORDER_ITEMS, rows), ORDER_ITEMS, known)
+    kept, orphans = split_survivors(checked(ORDER_ITEMS, rows), ORDER_ITEMS, known)
     assert kept.get_column("id").to_list() == ["1"]
     assert orphans.get_column(REASONS).to_list() == [
         ["unknown_order_id"],
@@ -99,5 +99,18 @@ def test_unknown_order_id_and_product_id() -> None:
 
 
 def test_tables_without_foreign_keys_have_no_orphans() -> None:
-    kept, orphans = split_orphans(checked(ORDERS, [valid_order()]), ORDERS, {})
+    kept, orphans = split_survivors(checked(ORDERS, [valid_order()]), ORDERS, {})
     assert kept.height == 1 and orphans.height == 0
+
+
+def test_a_duplicate_loser_is_not_also_an_orphan_and_the_winner_is_checked() -> None:
+    rows = [
+        valid_item(order_id="99", order_timestamp="2025-04-01T10:00:00"),
+        valid_item(order_id="10", order_timestamp="2025-04-01T11:00:00"),
+        valid_item(id="2", order_id="98"),
+    ]
+    known = {"order_id": pl.Series([10], dtype=pl.Int32), "product_id": pl.Series([5], dtype=pl.Int32)}
+    kept, rejected = split_survivors(checked(ORDER_ITEMS, rows), ORDER_ITEMS, known)
+    assert kept.get_column(ORDER).to_list() == [1]
+    outcome = dict(zip(rejected.get_column(ORDER).to_list(), rejected.get_column(REASONS).to_list()))
+    assert outcome == {0: ["duplicate_key"], 2: ["unknown_order_id"]}
