@@ -23,6 +23,7 @@ from pipeline.specs import TABLES
 
 Progress = Callable[[str], None]
 GIB = 1 << 30
+EXTRA_DAYS = 5
 
 
 def _measure(name: str, argv: list[str], workdir: Path, rows: int | None = None) -> dict[str, Any]:
@@ -163,6 +164,14 @@ def run_bench(
     grown["rows"] = _rows_in(_latest_report(small))
     grown["rows_per_s"] = round(grown["rows"] / grown["wall_s"])
     phases.append(grown)
+
+    progress(f"{EXTRA_DAYS} more daily batches (late orders leave small files in old partitions)")
+    for number in range(EXTRA_DAYS):
+        generate_day = _cli(
+            "generate", "--root", str(big), "--scale", str(scale), "--seed", str(seed + number)
+        )
+        _measure("generate day", [*generate_day, "--next-day"], logs)
+        _measure("daily batch", _cli("run", "--root", str(big)), logs)
 
     progress("read speed before and after maintenance")
     files_before = _data_files(big)

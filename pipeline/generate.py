@@ -403,7 +403,14 @@ def generate_next_day(
     report(
         f"generating day {day}: {n_orders:,} new orders, {n_items:,} order items, updates and product changes"
     )
-    new_orders = _orders(rng, last_order + 1, n_orders, n_users, np.full(n_orders, (day - FIRST_DAY).days))
+    today = (day - FIRST_DAY).days
+    # About 1% of the day's orders arrive late, stamped on one of the previous 30 days: they land in
+    # old partitions as small files, which is what `lakehouse maintain` compacts.
+    late = max(1, n_orders // 100)
+    days = np.concatenate(
+        [np.full(n_orders - late, today), rng.integers(max(0, today - 30), today, size=late)]
+    )
+    new_orders = _orders(rng, last_order + 1, n_orders, n_users, days)
     product_count = int(products_scan.select(pl.len()).collect().item())
     highest_product = int(products_scan.select(pl.col("product_id").max()).collect().item())
     new_items = _items(
