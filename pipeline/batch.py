@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 import polars as pl
 
 from pipeline import delta
-from pipeline.dedup import ORDER, split_survivors, typed
+from pipeline.dedup import ORDER, repeated_values, split_survivors, typed
 from pipeline.errors import (
     BatchLockedError,
     CheckFailedError,
@@ -87,10 +87,6 @@ class StepReport:
     seconds: float
     extra_columns: dict[str, list[str]] = field(default_factory=dict)
     empty_files: list[str] = field(default_factory=list)
-
-    @property
-    def written(self) -> int:
-        return self.inserted + self.updated
 
 
 @dataclass
@@ -205,9 +201,8 @@ def _pre_scan(sources: list[tuple[str, Path, FileLayout]], spec: TableSpec) -> _
     texts = [columns_text(path, layout, names) for _, path, layout in sources if layout.field_count]
     frame = pl.concat(texts) if texts else pl.DataFrame(schema={name: pl.String for name in names})
     parsed = {name: parse_text(frame.get_column(name), spec.column(name)).drop_nulls() for name in names}
-    keys = parsed[spec.primary_key]
     return _PreScan(
-        repeated_keys=keys.filter(keys.is_duplicated()).unique(),
+        repeated_keys=repeated_values(parsed[spec.primary_key]),
         references={fk.column: parsed[fk.column].unique() for fk in spec.foreign_keys},
     )
 
@@ -262,9 +257,18 @@ def run_step(
         progress(f"{spec.name}: looking for repeated keys and looking up references")
         scanned = _pre_scan(sources, spec)
         known = _known_references(store, spec, scanned.references)
+        # Testing membership in the few unknown values, not in the many known ones, keeps this cheap.
+        unknown = {
+            fk.column: scanned.references[fk.column]
+            .alias(fk.column)
+            .to_frame()
+            .filter(~pl.col(fk.column).is_in(known[fk.column].implode()))
+            .to_series()
+            for fk in spec.foreign_keys
+        }
         at_risk = pl.any_horizontal(
             pl.col(typed(spec.primary_key)).is_in(scanned.repeated_keys.implode()),
-            *(~pl.col(typed(fk.column)).is_in(known[fk.column].implode()) for fk in spec.foreign_keys),
+            *(pl.col(typed(fk.column)).is_in(unknown[fk.column].implode()) for fk in spec.foreign_keys),
         )
 
         for file_index, (source, path, layout) in enumerate(sources):
@@ -507,9 +511,3 @@ def _guard(step: str, action: Callable[[], T]) -> T:
         if step == "snapshot" and isinstance(error, LakehouseError):
             raise
         raise StepError(step, error) from error
-
-
-def load_report(store: Store, batch_id: str) -> BatchReport:
-    raw = json.loads(store.read_bytes(report_key(batch_id)))
-    raw["steps"] = [StepReport(**step) for step in raw["steps"]]
-    return BatchReport(**raw)

@@ -8,7 +8,6 @@ text and physical line number; those become ``malformed_row`` rejections, never 
 from __future__ import annotations
 
 import csv
-import io
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -271,10 +270,3 @@ def _empty_records(spec: TableSpec) -> pl.DataFrame:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def csv_text(rows: list[list[str]]) -> str:
-    """RFC 4180 text for ``rows`` (used by the generator and tests to write exact fixtures)."""
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
