@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import polars as pl
 
 from pipeline import delta
+from pipeline.archive import archive_batch
 from pipeline.dedup import ORDER, repeated_values, split_survivors, typed
 from pipeline.errors import (
-    BatchLockedError,
     CheckFailedError,
     InputFileError,
     LakehouseError,
     StepError,
 )
+from pipeline.lock import batch_lock
 from pipeline.manifest import (
     MANIFESTS,
-    REPORTS,
     Manifest,
     ManifestFile,
     archived_key,
@@ -46,13 +42,19 @@ from pipeline.reader import (
     read_chunks,
     read_layout,
 )
+from pipeline.report import (
+    BatchReport,
+    StepReport,
+    load_step_report,
+    report_key,
+    save_step_report,
+)
 from pipeline.specs import TABLES, TableSpec
 from pipeline.storage import Store
 from pipeline.validate import REASONS, TIMESTAMP, parse_text, validate
 
 LAKEHOUSE = "lakehouse-dwh"
 REJECTED = "rejected"
-LOCK_KEY = f"{MANIFESTS}/_lock.json"
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
@@ -68,50 +70,6 @@ def table_uri(store: Store, table: str) -> str:
 
 def rejected_uri(store: Store, table: str) -> str:
     return store.uri(f"{REJECTED}/{table}")
-
-
-@dataclass
-class StepReport:
-    """What one table step did."""
-
-    table: str
-    files: int
-    rows_in: int
-    inserted: int
-    updated: int
-    unchanged: int
-    rejected: int
-    rejected_by_reason: dict[str, int]
-    delta_version: int | None
-    rejected_version: int | None
-    seconds: float
-    extra_columns: dict[str, list[str]] = field(default_factory=dict)
-    empty_files: list[str] = field(default_factory=list)
-
-
-@dataclass
-class BatchReport:
-    """What one batch did, step by step."""
-
-    batch_id: str
-    status: str
-    started_at: str
-    finished_at: str
-    seconds: float
-    steps: list[StepReport]
-    archived_files: int
-    table_counts: dict[str, int]
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2).encode()
-
-
-def step_report_key(batch_id: str, table: str) -> str:
-    return f"{REPORTS}/{batch_id}/{table}.json"
-
-
-def report_key(batch_id: str) -> str:
-    return f"{REPORTS}/{batch_id}.json"
 
 
 def _locate(store: Store, table: str, batch_id: str, entry: ManifestFile) -> tuple[str, bool]:
@@ -361,52 +319,6 @@ def run_step(
     )
 
 
-def save_step_report(store: Store, batch_id: str, report: StepReport) -> None:
-    store.write_bytes(step_report_key(batch_id, report.table), json.dumps(asdict(report), indent=2).encode())
-
-
-def load_step_report(store: Store, batch_id: str, table: str) -> StepReport | None:
-    key = step_report_key(batch_id, table)
-    if store.stat(key) is None:
-        return None
-    return StepReport(**json.loads(store.read_bytes(key)))
-
-
-def archive_batch(store: Store, manifest: Manifest, *, progress: Progress = _quiet) -> int:
-    """Move exactly the manifest's files from ``raw/`` to ``archived/<table>/<batch_id>/``.
-
-    Copy, check the copy's size, then delete; a file already moved by an earlier attempt is fine.
-    Returns the number of files now archived.
-    """
-    moved = 0
-    for table, entries in manifest.files.items():
-        for entry in entries:
-            target = archived_key(table, manifest.batch_id, entry.key)
-            source = store.stat(entry.key)
-            if source is None:
-                if store.stat(target) is None:
-                    raise InputFileError(
-                        f"cannot archive {store.uri(entry.key)}: it is gone and was never archived"
-                    )
-                moved += 1
-                continue
-            if source.size != entry.size or source.version != entry.version:
-                raise InputFileError(
-                    f"{store.uri(entry.key)} changed after batch {manifest.batch_id} was snapshotted; "
-                    "it was not archived, since the batch did not process this content"
-                )
-            progress(f"archiving {entry.key}")
-            store.copy(entry.key, target)
-            copied = store.stat(target)
-            if copied is None or copied.size != source.size:
-                raise InputFileError(
-                    f"archiving {store.uri(entry.key)}: the copy at {store.uri(target)} is incomplete"
-                )
-            store.delete(entry.key)
-            moved += 1
-    return moved
-
-
 def check_tables(store: Store) -> dict[str, int]:
     """Row counts of the lakehouse tables; fails when any is empty (the seed's Athena check)."""
     counts = {table: delta.count_rows(table_uri(store, table)) for table in TABLES}
@@ -431,33 +343,6 @@ def maintain_tables(
             if result is not None:
                 results[name] = result
     return results
-
-
-@contextmanager
-def batch_lock(store: Store, batch_hint: str) -> Iterator[None]:
-    """Hold the root's batch lock so two runs never process the same files."""
-    claim = json.dumps(
-        {
-            "batch": batch_hint,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "since": datetime.now(timezone.utc).isoformat(),
-        }
-    ).encode()
-    if not store.write_bytes(LOCK_KEY, claim, if_absent=True):
-        try:
-            holder: Any = json.loads(store.read_bytes(LOCK_KEY))
-        except (LakehouseError, ValueError):
-            holder = {}
-        raise BatchLockedError(
-            f"another run holds the lock of {store.root} (batch {holder.get('batch', '?')}, "
-            f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}); "
-            f"if it is no longer running, remove it with `lakehouse unlock --root {store.root}`"
-        )
-    try:
-        yield
-    finally:
-        store.delete(LOCK_KEY)
 
 
 def run_batch(store: Store, *, progress: Progress = _quiet, now: datetime | None = None) -> BatchReport:

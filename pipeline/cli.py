@@ -14,7 +14,7 @@ from pipeline.errors import LakehouseError, describe
 if TYPE_CHECKING:
     from rich.status import Status
 
-    from pipeline.batch import BatchReport, StepReport
+    from pipeline.report import BatchReport, StepReport
 
 app = typer.Typer(
     help="E-commerce lakehouse: raw CSVs -> validated, deduplicated, partitioned Delta tables.",
@@ -206,7 +206,7 @@ def bench(
 @app.command()
 def unlock(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
     """Remove the batch lock left by a run that died."""
-    from pipeline.batch import LOCK_KEY
+    from pipeline.lock import LOCK_KEY
     from pipeline.storage import open_store
 
     store = open_store(root)

@@ -114,4 +114,5 @@ def unfinished_manifests(store: Store) -> list[Manifest]:
         and not info.key.rsplit("/", 1)[-1].startswith("_")
         and info.key.rsplit("/", 1)[-1] not in finished
     ]
-    return [Manifest.from_json(store.read_bytes(key), store.uri(key)) for key in pending]
+    manifests = [Manifest.from_json(store.read_bytes(key), store.uri(key)) for key in pending]
+    return sorted(manifests, key=lambda manifest: manifest.created_at)

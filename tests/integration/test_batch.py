@@ -12,9 +12,10 @@ import pytest
 
 from pipeline import batch as batch_module
 from pipeline import delta
-from pipeline.batch import LOCK_KEY, BatchReport, StepReport, rejected_uri, run_batch, table_uri
+from pipeline.batch import BatchReport, StepReport, rejected_uri, run_batch, table_uri
 from pipeline.errors import BatchLockedError, MissingDatasetError, StepError
 from pipeline.generate import generate, generate_next_day
+from pipeline.lock import LOCK_KEY
 from pipeline.manifest import Manifest, unfinished_manifests
 from pipeline.specs import TABLES, TableSpec
 from pipeline.storage import Store, open_store
