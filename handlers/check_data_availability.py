@@ -1,0 +1,73 @@
+"""CheckDataAvailability: S3 events for raw/*.csv arrive through SQS; start the ETL when all data is there.
+
+Environment: ``LAKEHOUSE_ROOT`` (``s3://bucket[/prefix]``) and ``STATE_MACHINE_ARN``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from pipeline.manifest import Manifest
+from pipeline.storage import open_store
+from pipeline.trigger import is_raw_csv, start_ready_batch
+
+processor = BatchProcessor(event_type=EventType.SQS)
+logger = Logger(service="ecommerce-lakehouse")
+
+
+def _root() -> str:
+    return os.environ["LAKEHOUSE_ROOT"]
+
+
+def _root_prefix() -> str:
+    return _root()[len("s3://") :].partition("/")[2]
+
+
+def start_execution(manifest: Manifest, resumed: bool) -> None:
+    """Start the state machine for ``manifest``; the execution is named after the batch."""
+    stepfunctions = boto3.client("stepfunctions")
+    # A resumed batch already used its own name once; execution names stay taken for 90 days.
+    name = f"{manifest.batch_id}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}" if resumed else manifest.batch_id
+    payload = {"root": _root(), "batch_id": manifest.batch_id, "manifest": manifest.key}
+    try:
+        stepfunctions.start_execution(
+            stateMachineArn=os.environ["STATE_MACHINE_ARN"], name=name, input=json.dumps(payload)
+        )
+    except stepfunctions.exceptions.ExecutionAlreadyExists:
+        logger.info("execution already started", extra={"execution": name})
+        return
+    logger.info(
+        "execution started", extra={"execution": name, "batch_id": manifest.batch_id, "resumed": resumed}
+    )
+
+
+def record_handler(record: SQSRecord) -> None:
+    """One SQS message: an S3 event notification (or S3's test event)."""
+    body = json.loads(record.body)
+    if body.get("Event") == "s3:TestEvent":
+        logger.info("skipping the S3 test event")
+        return
+    keys = [entry["s3"]["object"]["key"] for entry in body.get("Records", [])]
+    if not any(is_raw_csv(key, _root_prefix()) for key in keys):
+        logger.info("no raw CSV in this event", extra={"keys": keys})
+        return
+    started = start_ready_batch(open_store(_root()), start_execution, datetime.now(timezone.utc))
+    if started is None:
+        logger.info("no batch started: a batch is in progress or a dataset has no CSV yet")
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    return process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )

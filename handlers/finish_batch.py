@@ -1,0 +1,80 @@
+"""FinishBatch: the state machine's last step, on success and on failure.
+
+Writes the batch's final report, releases the root's batch lock, composes the SNS message and, after
+a success, starts the next batch if files landed meanwhile. Input:
+``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: {table: rows},
+"error"?: str, "cause"?: str}``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from handlers.check_data_availability import start_execution
+from pipeline.lock import release_lock
+from pipeline.manifest import read_manifest
+from pipeline.report import BatchReport, load_step_report, report_key
+from pipeline.specs import TABLES
+from pipeline.storage import Store, open_store
+from pipeline.trigger import start_ready_batch
+
+logger = Logger(service="ecommerce-lakehouse")
+
+
+def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, Any]:
+    manifest = read_manifest(store, event["manifest"])
+    steps = [load_step_report(store, manifest.batch_id, table) for table in TABLES]
+    missing = [table for table, step in zip(TABLES, steps) if step is None]
+    if missing:
+        raise RuntimeError(f"batch {manifest.batch_id} has no step report for {', '.join(missing)}")
+    started = datetime.fromisoformat(manifest.created_at)
+    report = BatchReport(
+        batch_id=manifest.batch_id,
+        status="succeeded",
+        started_at=manifest.created_at,
+        finished_at=now.isoformat(),
+        seconds=round((now - started).total_seconds(), 3),
+        steps=[step for step in steps if step is not None],
+        archived_files=sum(len(entries) for entries in manifest.files.values()),
+        table_counts={table: int(count) for table, count in event.get("counts", {}).items()},
+    )
+    store.write_bytes(report_key(manifest.batch_id), report.to_json())
+    lines = [f"Batch {report.batch_id} succeeded."]
+    for step in report.steps:
+        lines.append(
+            f"{step.table}: {step.rows_in:,} rows in, {step.inserted:,} inserted, {step.updated:,} updated, "
+            f"{step.rejected:,} rejected"
+        )
+    lines.append("Rows now: " + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items()))
+    return {"subject": f"Lakehouse batch {report.batch_id} succeeded", "message": "\n".join(lines)}
+
+
+def _failure(event: dict[str, Any]) -> dict[str, Any]:
+    error, cause = event.get("error") or "unknown error", event.get("cause") or "no cause given"
+    message = (
+        f"Batch {event['batch_id']} failed: {error}.\nCause: {cause}\n"
+        "Its raw files stay in raw/; the next upload (or a re-run) resumes the batch."
+    )
+    return {"subject": f"Lakehouse batch {event['batch_id']} FAILED", "message": message}
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    store = open_store(event["root"])
+    logger.append_keys(batch_id=event["batch_id"])
+    now = datetime.now(timezone.utc)
+    succeeded = event.get("status") == "SUCCEEDED"
+    result = _success(store, event, now) if succeeded else _failure(event)
+    release_lock(store, event["batch_id"])
+    if succeeded:
+        # Files that landed while this batch ran start the next one now (their events found the lock).
+        following = start_ready_batch(store, start_execution, now)
+        result["next_batch"] = following.batch_id if following else None
+    logger.info(
+        "batch finished", extra={"status": event.get("status"), "next_batch": result.get("next_batch")}
+    )
+    return result

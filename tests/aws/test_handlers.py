@@ -1,0 +1,181 @@
+"""The Lambda handlers against moto: idempotent starts, no overlapping batches, exact archiving."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import boto3
+import pytest
+
+from handlers import archive_files, check_data_availability, finish_batch
+from pipeline.lock import LOCK_KEY, lock_holder
+from pipeline.manifest import read_manifest
+from pipeline.storage import open_store
+from tests.aws.conftest import BUCKET, ROOT, executions, lambda_context, put, s3_message
+
+ALL = ("raw/products/p.csv", "raw/orders/o.csv", "raw/order_items/i.csv")
+
+
+def trigger(*records: dict[str, Any]) -> dict[str, Any]:
+    return dict(check_data_availability.lambda_handler({"Records": list(records)}, lambda_context()))
+
+
+def keys(prefix: str) -> list[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=f"lakehouse/{prefix}")
+    return sorted(obj["Key"][len("lakehouse/") :] for obj in listing.get("Contents", []))
+
+
+def test_handlers_import_neither_polars_nor_deltalake() -> None:
+    code = (
+        "import sys, handlers.check_data_availability, handlers.archive_files, handlers.finish_batch;"
+        "heavy = [m for m in ('polars', 'deltalake', 'pyarrow', 'numpy') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_test_event_and_non_csv_keys_start_nothing(aws: dict[str, Any]) -> None:
+    for key in ALL:
+        put(key)
+    test_event = {**s3_message(message_id="t"), "body": json.dumps({"Event": "s3:TestEvent"})}
+    result = trigger(test_event, s3_message("raw/orders/readme.txt"), s3_message("archived/x.csv"))
+    assert result == {"batchItemFailures": []}
+    assert executions(aws["state_machine"]) == []
+
+
+def test_waits_until_every_dataset_has_a_csv(aws: dict[str, Any]) -> None:
+    put(ALL[0])
+    put(ALL[1])
+    trigger(s3_message(ALL[0]), s3_message(ALL[1]))
+    assert executions(aws["state_machine"]) == []
+    assert keys("manifests/") == []
+    put(ALL[2])
+    trigger(s3_message(ALL[2]))
+    (execution,) = executions(aws["state_machine"])
+    manifest = read_manifest(open_store(ROOT), execution["name"])
+    assert [e.key for entries in manifest.files.values() for e in entries] == [ALL[0], ALL[1], ALL[2]]
+
+
+def test_url_encoded_keys_are_decoded(aws: dict[str, Any]) -> None:
+    names = ("raw/products/new products.csv", "raw/orders/o+1.csv", "raw/order_items/i.csv")
+    for key in names:
+        put(key)
+    trigger(s3_message(*names))
+    (execution,) = executions(aws["state_machine"])
+    manifest = read_manifest(open_store(ROOT), execution["name"])
+    assert manifest.files["products"][0].key == "raw/products/new products.csv"
+
+
+def test_duplicate_and_redelivered_events_start_one_execution(aws: dict[str, Any]) -> None:
+    for key in ALL:
+        put(key)
+    messages = [s3_message(key, message_id=f"m{i}") for i, key in enumerate(ALL)]
+    trigger(*messages)
+    trigger(*messages)  # SQS is at-least-once: the same messages again
+    assert len(executions(aws["state_machine"])) == 1
+    assert lock_holder(open_store(ROOT))["batch"] == executions(aws["state_machine"])[0]["name"]
+
+
+def test_files_landing_during_a_batch_start_the_next_one_when_it_finishes(aws: dict[str, Any]) -> None:
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (first,) = executions(aws["state_machine"])
+    store = open_store(ROOT)
+    manifest = read_manifest(store, first["name"])
+    # The batch runs: its files are archived; meanwhile a new day's files land and find the lock.
+    archive_files.lambda_handler({"root": ROOT, "manifest": manifest.key}, lambda_context())
+    later = ("raw/products/p2.csv", "raw/orders/o2.csv", "raw/order_items/i2.csv")
+    for key in later:
+        put(key)
+    trigger(s3_message(*later))
+    assert len(executions(aws["state_machine"])) == 1
+    _write_step_reports(manifest.batch_id)
+    result = finish_batch.lambda_handler(
+        {
+            "root": ROOT,
+            "batch_id": manifest.batch_id,
+            "manifest": manifest.key,
+            "status": "SUCCEEDED",
+            "counts": {"products": 1, "orders": 1, "order_items": 1},
+        },
+        lambda_context(),
+    )
+    assert result["next_batch"] is not None and result["next_batch"] != manifest.batch_id
+    assert "succeeded" in result["subject"] and "products: 1 rows in" in result["message"]
+    assert len(executions(aws["state_machine"])) == 2
+    second = read_manifest(store, result["next_batch"])
+    assert sorted(e.key for entries in second.files.values() for e in entries) == sorted(later)
+
+
+def test_a_failed_batch_releases_the_lock_and_is_resumed_by_the_next_upload(aws: dict[str, Any]) -> None:
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (first,) = executions(aws["state_machine"])
+    result = finish_batch.lambda_handler(
+        {
+            "root": ROOT,
+            "batch_id": first["name"],
+            "manifest": f"manifests/{first['name']}.json",
+            "status": "FAILED",
+            "error": "States.TaskFailed",
+            "cause": "step orders failed: boom",
+        },
+        lambda_context(),
+    )
+    assert "FAILED" in result["subject"] and "step orders failed: boom" in result["message"]
+    assert "next_batch" not in result
+    assert open_store(ROOT).stat(LOCK_KEY) is None
+    assert keys("raw/") == sorted(ALL)
+    put("raw/orders/o2.csv")
+    trigger(s3_message("raw/orders/o2.csv"))
+    names = sorted(e["name"] for e in executions(aws["state_machine"]))
+    assert len(names) == 2 and names[1].startswith(first["name"] + "-")
+    resumed = json.loads(
+        boto3.client("stepfunctions").describe_execution(
+            executionArn=next(e for e in executions(aws["state_machine"]) if e["name"] == names[1])[
+                "executionArn"
+            ]
+        )["input"]
+    )
+    assert resumed["batch_id"] == first["name"]
+
+
+def test_a_failing_record_is_reported_for_retry(aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ALL:
+        put(key)
+
+    def throttled(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("ThrottlingException")
+
+    monkeypatch.setattr(check_data_availability, "start_ready_batch", throttled)
+    result = trigger(
+        s3_message(ALL[0], message_id="ok-but-failing"), s3_message("raw/x.txt", message_id="skip")
+    )
+    assert result == {"batchItemFailures": [{"itemIdentifier": "ok-but-failing"}]}
+
+
+def test_archive_moves_exactly_the_manifest_files_and_is_idempotent(aws: dict[str, Any]) -> None:
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (execution,) = executions(aws["state_machine"])
+    put("raw/orders/late.csv")
+    event = {"root": ROOT, "manifest": f"manifests/{execution['name']}.json"}
+    assert archive_files.lambda_handler(event, lambda_context())["archived_files"] == 3
+    assert archive_files.lambda_handler(event, lambda_context())["archived_files"] == 3
+    assert keys("raw/") == ["raw/orders/late.csv"]
+    assert keys(f"archived/orders/{execution['name']}/") == [f"archived/orders/{execution['name']}/o.csv"]
+
+
+def _write_step_reports(batch_id: str) -> None:
+    from pipeline.report import StepReport, save_step_report
+
+    store = open_store(ROOT)
+    for table in ("products", "orders", "order_items"):
+        save_step_report(store, batch_id, StepReport(table, 1, 1, 1, 0, 0, 0, {}, 0, None, 0.1))
