@@ -2,7 +2,7 @@
 
 Writes the batch's final report, releases the root's batch lock, composes the SNS message and, after
 a success, starts the next batch if files landed meanwhile. Input:
-``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: {table: rows},
+``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: [{"table", "rows"}],
 "error"?: str, "cause"?: str}``.
 """
 
@@ -25,6 +25,13 @@ from pipeline.trigger import start_ready_batch
 logger = Logger(service="ecommerce-lakehouse")
 
 
+def _counts(counts: list[dict[str, Any]] | dict[str, Any]) -> dict[str, int]:
+    """Row counts per table: the state machine's Athena results (``[{"table", "rows"}]``) or a mapping."""
+    if isinstance(counts, dict):
+        return {table: int(rows) for table, rows in counts.items()}
+    return {entry["table"]: int(entry["rows"]) for entry in counts}
+
+
 def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, Any]:
     manifest = read_manifest(store, event["manifest"])
     steps = [load_step_report(store, manifest.batch_id, table) for table in TABLES]
@@ -40,7 +47,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
         seconds=round((now - started).total_seconds(), 3),
         steps=[step for step in steps if step is not None],
         archived_files=sum(len(entries) for entries in manifest.files.values()),
-        table_counts={table: int(count) for table, count in event.get("counts", {}).items()},
+        table_counts=_counts(event.get("counts", [])),
     )
     store.write_bytes(report_key(manifest.batch_id), report.to_json())
     lines = [f"Batch {report.batch_id} succeeded."]

@@ -101,7 +101,7 @@ def test_files_landing_during_a_batch_start_the_next_one_when_it_finishes(aws: d
             "batch_id": manifest.batch_id,
             "manifest": manifest.key,
             "status": "SUCCEEDED",
-            "counts": {"products": 1, "orders": 1, "order_items": 1},
+            "counts": [{"table": t, "rows": "1"} for t in ("products", "orders", "order_items")],
         },
         lambda_context(),
     )

@@ -1,0 +1,115 @@
+"""The state machine definition: valid ASL for statelint once its placeholders are substituted, and wired
+as the batch flow needs (sequential steps, retries only on what a retry can fix, every failure notified)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEFINITION = Path(__file__).resolve().parents[2] / "statemachine" / "etl.asl.json"
+PLACEHOLDERS = {
+    "Runner": "fargate",
+    "ClusterArn": "arn:aws:ecs:us-east-1:123456789012:cluster/lakehouse",
+    "TaskDefinitionArn": "arn:aws:ecs:us-east-1:123456789012:task-definition/lakehouse-step:1",
+    "SubnetA": "subnet-0a",
+    "SubnetB": "subnet-0b",
+    "SecurityGroup": "sg-0a",
+    "ContainerName": "lakehouse",
+    "ArchiveFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:ArchiveETLFiles",
+    "FinishFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:FinishBatch",
+    "CrawlerName": "ecommerce-lakehouse-crawler",
+    "GlueDatabase": "ecommerce_dwh",
+    "AthenaWorkGroup": "ecommerce-lakehouse",
+    "TopicArn": "arn:aws:sns:us-east-1:123456789012:ecommerce-etl-notifications",
+}
+
+
+def rendered(**overrides: str) -> str:
+    """The definition with every ``${Name}`` substituted, as CloudFormation's DefinitionSubstitutions do."""
+    values = {**PLACEHOLDERS, **overrides}
+    return re.sub(r"\$\{(\w+)\}", lambda match: values[match.group(1)], DEFINITION.read_text())
+
+
+def states(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every state, nested ones (Map item processors) included."""
+    found = {}
+    for name, state in definition["States"].items():
+        found[name] = state
+        if "ItemProcessor" in state:
+            found.update(states(state["ItemProcessor"]))
+    return found
+
+
+def test_every_placeholder_is_known() -> None:
+    used = set(re.findall(r"\$\{(\w+)\}", DEFINITION.read_text()))
+    assert used == set(PLACEHOLDERS)
+
+
+@pytest.mark.parametrize("runner", ["fargate", "glue"])
+def test_statelint_accepts_the_rendered_definition(tmp_path: Path, runner: str) -> None:
+    path = tmp_path / "etl.asl.json"
+    path.write_text(rendered(Runner=runner))
+    statelint = shutil.which("statelint", path=str(Path(sys.executable).parent)) or shutil.which("statelint")
+    assert statelint, "statelint is a test dependency (pip install -e '.[test]')"
+    done = subprocess.run([statelint, str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_steps_run_one_at_a_time_in_table_order() -> None:
+    definition = json.loads(rendered())
+    configure, process = definition["States"]["Configure"], definition["States"]["ProcessTables"]
+    assert [step["table"] for step in configure["Parameters"]["steps"]] == [
+        "products",
+        "orders",
+        "order_items",
+    ]
+    assert [step["glue_job"] for step in configure["Parameters"]["steps"]] == [
+        "product_etl",
+        "orders_etl",
+        "order_items_etl",
+    ]
+    assert process["MaxConcurrency"] == 1
+
+
+def test_the_fargate_task_runs_the_step_command() -> None:
+    task = states(json.loads(rendered()))["RunFargateTask"]
+    assert task["Resource"] == "arn:aws:states:::ecs:runTask.sync"
+    command = task["Parameters"]["Overrides"]["ContainerOverrides"][0]["Command.$"]
+    assert command == "States.Array('step', $.table, '--root', $.root, '--manifest', $.manifest)"
+
+
+def test_data_errors_are_not_retried() -> None:
+    for name, state in states(json.loads(rendered())).items():
+        for retry in state.get("Retry", []):
+            assert "States.ALL" not in retry["ErrorEquals"], name
+            assert "States.TaskFailed" not in retry["ErrorEquals"], name
+
+
+def test_every_failure_reaches_the_failure_notification() -> None:
+    definition = json.loads(rendered())
+    top = definition["States"]
+    for name, state in top.items():
+        if state["Type"] in ("Task", "Map") and not name.startswith(("Notify", "FinishFailed")):
+            catches = state.get("Catch", [])
+            assert any("States.ALL" in c["ErrorEquals"] and c["Next"] == "FinishFailed" for c in catches), (
+                name
+            )
+    assert top["FinishFailed"]["Next"] == "NotifyFailure"
+    assert top["FinishFailed"]["Catch"][0]["Next"] == "NotifyFailureDirectly"
+    assert top["NotifyFailure"]["Next"] == top["NotifyFailureDirectly"]["Next"] == "Failed"
+    assert top["Failed"]["Type"] == "Fail"
+
+
+def test_athena_is_polled_not_run_with_sync() -> None:
+    resources = {state.get("Resource") for state in states(json.loads(rendered())).values()}
+    assert "arn:aws:states:::aws-sdk:athena:startQueryExecution" in resources
+    assert not any(
+        str(resource).startswith("arn:aws:states:::athena:startQueryExecution.sync") for resource in resources
+    )
