@@ -1,0 +1,365 @@
+"""The whole chain on a moto server: upload -> S3 event -> SQS -> trigger -> Step Functions (executed by
+moto) -> ECS tasks running our real step command -> archive Lambda -> crawler -> Athena -> SNS -> SQS.
+
+moto runs the state machine itself (its ``execute_state_machine`` setting). Where moto stops short of
+AWS, small test-side patches bridge it, each commented; they are written for the moto pinned in
+pyproject.toml (>=5.1,<6) and reach into its internals on purpose:
+- ECS ``RunTask`` starts no container: the patch runs the task's command as a subprocess of the real
+  ``lakehouse`` CLI against the moto bucket, and the ``.sync`` integration fails the state when the
+  container exited non-zero, as AWS does;
+- Lambda without Docker runs no code: the patch calls our handler module for the function's name;
+- Athena executes no SQL: the patch answers ``SELECT COUNT(*) FROM ecommerce_dwh.<table>`` honestly,
+  from the Delta table;
+- Wait states really wait: the patch caps a wait at 50 ms so a test takes seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.request import Request, urlopen
+
+import boto3
+import pytest
+
+from tests.aws.conftest import lambda_context
+from tests.statemachine.test_definition import rendered
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "e2e-lake"
+ROOT = f"s3://{BUCKET}/lakehouse"
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _aws_environment(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "AWS_ALLOW_HTTP": "true",
+    }
+
+
+def _recase(value: Any, first: Any) -> Any:
+    """``value`` with every dict key's first letter passed through ``first`` (camelCase <-> PascalCase)."""
+    if isinstance(value, dict):
+        return {first(key[:1]) + key[1:]: _recase(item, first) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_recase(item, first) for item in value]
+    return value
+
+
+def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    from moto.athena.models import AthenaBackend, QueryResults
+    from moto.awslambda_simple.models import LambdaSimpleBackend
+    from moto.ecs.models import EC2ContainerServiceBackend
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+        state_task_service_ecs,
+    )
+    from moto.stepfunctions.parser.asl.component.state.wait.wait_function import wait_function
+
+    from handlers import archive_files, finish_batch
+
+    child_env = {**os.environ, **_aws_environment(endpoint)}
+
+    # moto's awsvpc task attachment reads an ENI attribute its EC2 model does not define.
+    from moto.ec2.models.elastic_network_interfaces import NetworkInterface
+
+    monkeypatch.setattr(
+        NetworkInterface,
+        "private_dns_name",
+        property(lambda eni: f"ip-{eni.private_ip_address.replace('.', '-')}.ec2.internal"),
+        raising=False,
+    )
+
+    # AWS reports a finished crawl as LastCrawl.Status SUCCEEDED; moto says COMPLETED.
+    from moto.glue.models import FakeCrawler
+
+    real_crawler_dict = FakeCrawler.as_dict
+
+    def crawler_dict(self: Any) -> dict[str, Any]:
+        data = dict(real_crawler_dict(self))
+        if data.get("LastCrawl", {}).get("Status") == "COMPLETED":
+            data["LastCrawl"] = {**data["LastCrawl"], "Status": "SUCCEEDED"}
+        return data
+
+    monkeypatch.setattr(FakeCrawler, "as_dict", crawler_dict)
+
+    real_run_task = EC2ContainerServiceBackend.run_task
+
+    def run_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # moto's RunTask starts nothing; run the container's command with the image's entrypoint.
+        tasks = real_run_task(self, *args, **kwargs)
+        overrides = kwargs.get("overrides") or (args[3] if len(args) > 3 else None) or {}
+        command = overrides["containerOverrides"][0]["command"]
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *command], env=child_env, capture_output=True, text=True,
+            check=False, cwd=PROJECT,
+        )
+        for task in tasks:
+            # The container ran to completion above, so the task is over.
+            task.last_status = "STOPPED"
+            task.desired_status = "STOPPED"
+            task.containers[0].exitCode = done.returncode
+            task.stopped_reason = done.stderr.strip().splitlines()[-1] if done.returncode else "Essential container exited"
+        return tasks
+
+    monkeypatch.setattr(EC2ContainerServiceBackend, "run_task", run_task)
+
+    # AWS's ECS integration takes PascalCase parameters and returns PascalCase output; moto's port of
+    # the interpreter leaves both conversions out (botocore then rejects "Cluster").
+    def normalise_parameters(self: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        converted = _recase(parameters, str.lower)
+        parameters.clear()
+        parameters.update(converted)
+
+    def normalise_response(self: Any, response: Any, *args: Any, **kwargs: Any) -> None:
+        converted = _recase(response, str.upper)
+        response.clear()
+        response.update(converted)
+
+    monkeypatch.setattr(state_task_service_ecs.StateTaskServiceEcs, "_normalise_parameters", normalise_parameters)
+    monkeypatch.setattr(state_task_service_ecs.StateTaskServiceEcs, "_normalise_response", normalise_response)
+
+    real_resolver = state_task_service_ecs.StateTaskServiceEcs._build_sync_resolver
+
+    def build_sync_resolver(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # AWS fails runTask.sync when an essential container exits non-zero; moto's resolver does not.
+        resolve = real_resolver(self, *args, **kwargs)
+
+        def resolve_and_check() -> Any:
+            task = resolve()
+            if task is not None:
+                codes = [c.get("ExitCode", 0) for c in task.get("Containers", [])]
+                if any(code not in (0, None) for code in codes):
+                    raise RuntimeError(f"Essential container in task exited: {task.get('StoppedReason')}")
+            return task
+
+        return resolve_and_check
+
+    monkeypatch.setattr(state_task_service_ecs.StateTaskServiceEcs, "_build_sync_resolver", build_sync_resolver)
+
+    handlers = {"ArchiveETLFiles": archive_files, "FinishBatch": finish_batch}
+
+    def invoke(self: Any, function_name: str, qualifier: Any, body: Any, headers: Any, response_headers: Any) -> bytes:
+        # moto without Docker runs no function code: call our handler in process instead.
+        name = function_name.split(":function:")[-1].split(":")[0]
+        try:
+            event = json.loads(body) if body else {}
+            result = handlers[name].lambda_handler(event, lambda_context())
+        except Exception as error:  # reported the way Lambda reports an unhandled error
+            response_headers["x-amz-function-error"] = "Unhandled"
+            return json.dumps({"errorType": type(error).__name__, "errorMessage": str(error)}).encode()
+        return json.dumps(result).encode()
+
+    monkeypatch.setattr(LambdaSimpleBackend, "invoke", invoke)
+
+    def get_query_results(self: Any, exec_id: str) -> QueryResults:
+        # moto executes no SQL: answer the COUNT(*) the state machine asks for from the Delta table.
+        from pipeline import delta
+        from pipeline.batch import table_uri
+        from pipeline.storage import open_store
+
+        query = self.executions[exec_id].query
+        match = re.fullmatch(r"SELECT COUNT\(\*\) FROM ecommerce_dwh\.(\w+)", query.strip())
+        assert match, f"unexpected Athena query {query!r}"
+        count = delta.count_rows(table_uri(open_store(ROOT), match.group(1)))
+        header = {"Data": [{"VarCharValue": "_col0"}]}
+        return QueryResults(rows=[header, {"Data": [{"VarCharValue": str(count)}]}], column_info=[])
+
+    monkeypatch.setattr(AthenaBackend, "get_query_results", get_query_results)
+
+    def short_wait(self: Any, env: Any, wait_seconds: int) -> None:
+        env.program_state_event.wait(min(wait_seconds, 0.05))
+
+    monkeypatch.setattr(wait_function.WaitFunction, "_wait_interval", short_wait)
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[dict[str, Any]]:
+    """A moto server that executes state machines, and the whole deployment on it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        # moto's state-machine interpreter calls services at localhost:$MOTO_PORT.
+        monkeypatch.setenv("MOTO_PORT", str(port))
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                monkeypatch.delenv(name)
+        for name, value in _aws_environment(endpoint).items():
+            monkeypatch.setenv(name, value)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        try:
+            config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
+            urlopen(Request(f"{endpoint}/moto-api/config", data=json.dumps(config).encode(), method="POST"))
+            # A crawl ends at once (moto would keep it RUNNING until advanced by hand).
+            transition = {"model_name": "glue::crawl", "transition": {"progression": "immediate"}}
+            urlopen(Request(f"{endpoint}/moto-api/state-manager/set-transition",
+                            data=json.dumps(transition).encode(), method="POST"))
+            _patch_moto(monkeypatch, endpoint)
+            yield _deploy(endpoint)
+        finally:
+            server.stop()
+
+
+def _deploy(endpoint: str) -> dict[str, Any]:
+    s3, sqs, sns = boto3.client("s3"), boto3.client("sqs"), boto3.client("sns")
+    s3.create_bucket(Bucket=BUCKET)
+    queue = sqs.create_queue(QueueName="ecommerce-etl-queue")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(
+        Bucket=BUCKET,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {
+                    "QueueArn": queue_arn,
+                    "Events": ["s3:ObjectCreated:*"],
+                    "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "lakehouse/raw/"},
+                                                        {"Name": "suffix", "Value": ".csv"}]}},
+                }
+            ]
+        },
+    )
+    topic = sns.create_topic(Name="ecommerce-etl-notifications")["TopicArn"]
+    inbox = sqs.create_queue(QueueName="notifications-inbox")["QueueUrl"]
+    inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn, Attributes={"RawMessageDelivery": "true"})
+
+    role = boto3.client("iam").create_role(RoleName="lakehouse", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("handler.py", "def lambda_handler(event, context):\n    return {}\n")
+    functions = {
+        name: boto3.client("lambda").create_function(
+            FunctionName=name, Runtime="python3.12", Role=role, Handler="handler.lambda_handler",
+            Code={"ZipFile": archive.getvalue()},
+        )["FunctionArn"]
+        for name in ("ArchiveETLFiles", "FinishBatch")
+    }
+    ecs = boto3.client("ecs")
+    cluster = ecs.create_cluster(clusterName="lakehouse")["cluster"]["clusterArn"]
+    # moto needs the container's memory to place the task.
+    task_definition = ecs.register_task_definition(
+        family="lakehouse-step",
+        containerDefinitions=[{"name": "lakehouse", "image": "lakehouse:test", "memory": 2048}],
+        requiresCompatibilities=["FARGATE"], networkMode="awsvpc", cpu="1024", memory="2048",
+    )["taskDefinition"]["taskDefinitionArn"]
+    ec2 = boto3.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24")["Subnet"]["SubnetId"] for i in (1, 2)]
+    group = ec2.create_security_group(GroupName="lakehouse", Description="tasks", VpcId=vpc)["GroupId"]
+    glue = boto3.client("glue")
+    glue.create_database(DatabaseInput={"Name": "ecommerce_dwh"})
+    glue.create_crawler(
+        Name="ecommerce-lakehouse-crawler", Role=role, DatabaseName="ecommerce_dwh",
+        Targets={"DeltaTargets": [{"DeltaTables": [f"{ROOT}/lakehouse-dwh/{t}/" for t in
+                                                     ("products", "orders", "order_items")],
+                                   "CreateNativeDeltaTable": True}]},
+    )
+    boto3.client("athena").create_work_group(Name="ecommerce-lakehouse")
+    definition = rendered(
+        ClusterArn=cluster, TaskDefinitionArn=task_definition, SubnetA=subnets[0], SubnetB=subnets[1],
+        SecurityGroup=group, ArchiveFunctionArn=functions["ArchiveETLFiles"],
+        FinishFunctionArn=functions["FinishBatch"], TopicArn=topic,
+    )
+    machine = boto3.client("stepfunctions").create_state_machine(
+        name="EcommerceETLPipeline", definition=definition, roleArn=role
+    )["stateMachineArn"]
+    os.environ["LAKEHOUSE_ROOT"] = ROOT
+    os.environ["STATE_MACHINE_ARN"] = machine
+    return {"queue": queue, "inbox": inbox, "machine": machine}
+
+
+def _deliver_events(queue: str) -> int:
+    """Be the SQS event source of the trigger Lambda: hand it every queued message."""
+    from handlers import check_data_availability
+
+    sqs, delivered = boto3.client("sqs"), 0
+    while True:
+        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+        if not messages:
+            return delivered
+        records = [
+            {"messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"], "attributes": {},
+             "messageAttributes": {}, "md5OfBody": m["MD5OfBody"], "eventSource": "aws:sqs",
+             "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ecommerce-etl-queue", "awsRegion": REGION}
+            for m in messages
+        ]
+        result = check_data_availability.lambda_handler({"Records": records}, lambda_context())
+        failed = {f["itemIdentifier"] for f in result["batchItemFailures"]}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+        delivered += len(messages)
+
+
+def _wait_for_executions(machine: str, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+    stepfunctions, deadline = boto3.client("stepfunctions"), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        executions = stepfunctions.list_executions(stateMachineArn=machine)["executions"]
+        if len(executions) >= count and all(e["status"] != "RUNNING" for e in executions):
+            return sorted(executions, key=lambda e: e["startDate"])
+        time.sleep(0.5)
+    running = [e for e in executions if e["status"] == "RUNNING"]
+    history = stepfunctions.get_execution_history(executionArn=running[0]["executionArn"]) if running else {}
+    events = [(e["type"], e.get("stateEnteredEventDetails", {}).get("name")) for e in history.get("events", [])][-6:]
+    events.append([e.get("stateExitedEventDetails", {}).get("output", "")[-400:] for e in history.get("events", [])
+                   if e["type"] == "TaskStateExited"][-1:])
+    crawler = boto3.client("glue").get_crawler(Name="ecommerce-lakehouse-crawler")["Crawler"]
+    raise AssertionError(f"executions did not finish: {executions}; last events: {events}; crawler {crawler}")
+
+
+def _notifications(inbox: str) -> list[str]:
+    messages = boto3.client("sqs").receive_message(QueueUrl=inbox, MaxNumberOfMessages=10).get("Messages", [])
+    for message in messages:
+        boto3.client("sqs").delete_message(QueueUrl=inbox, ReceiptHandle=message["ReceiptHandle"])
+    return [m["Body"] for m in messages]
+
+
+def _raw_keys() -> list[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="lakehouse/raw/")
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def test_upload_to_notification_on_fargate(chain: dict[str, Any]) -> None:
+    from pipeline import delta
+    from pipeline.batch import table_uri
+    from pipeline.generate import generate
+    from pipeline.storage import open_store
+
+    store = open_store(ROOT)
+    generate(store, scale=0.0005, seed=31)
+    assert _deliver_events(chain["queue"]) > 0
+    (execution,) = _wait_for_executions(chain["machine"], 1)
+    history = boto3.client("stepfunctions").describe_execution(executionArn=execution["executionArn"])
+    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    counts = {t: delta.count_rows(table_uri(store, t)) for t in ("products", "orders", "order_items")}
+    assert all(counts.values())
+    (message,) = _notifications(chain["inbox"])
+    assert f"Batch {execution['name']} succeeded." in message
+    assert f"Rows now: products {counts['products']:,}, orders {counts['orders']:,}" in message
+    assert _raw_keys() == []
