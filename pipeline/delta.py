@@ -5,9 +5,10 @@ Tables are addressed by URI (a local path or ``s3://``); storage options come fr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -19,6 +20,7 @@ from pipeline.settings import load_settings
 from pipeline.specs import TableSpec
 
 STREAM_ROWS = 1_000_000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,31 @@ def _arrow_stream(frame: pl.DataFrame, spec: TableSpec) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
+COMMIT_ATTEMPTS = 4
+
+
+def _retrying_commits(action: Callable[[], T]) -> T:
+    """Run a write, again after a short backoff when another writer committed first.
+
+    Writes here are idempotent (a MERGE that skips identical rows, a replace of one batch's rows), so
+    running one again after a conflict is safe; the last conflict is raised (retryable) to the caller.
+    """
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return action()
+        except CommitConflictError:
+            if attempt == COMMIT_ATTEMPTS:
+                raise
+            time.sleep(0.5 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
 def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
+    """MERGE rows into a table, retrying on commit conflicts; see ``_merge_rows_once``."""
+    return _retrying_commits(lambda: _merge_rows_once(uri, rows, spec))
+
+
+def _merge_rows_once(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
     """MERGE ``rows`` (typed, unique on the primary key) into the table at ``uri`` on the primary key.
 
     New keys are inserted. A matched row is replaced only when a column differs and, for specs with
@@ -141,6 +167,13 @@ def _partitions_of_keys(table: DeltaTable, spec: TableSpec, keys: pl.Series) -> 
 
 
 def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:
+    """Replace one batch's rows, retrying on commit conflicts; see ``_replace_batch_rows_once``."""
+    return _retrying_commits(
+        lambda: _replace_batch_rows_once(uri, rows, batch_column=batch_column, batch_id=batch_id)
+    )
+
+
+def _replace_batch_rows_once(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:
     """Append ``rows`` of one batch to the table at ``uri``, replacing what that batch wrote before.
 
     Re-running a batch therefore never duplicates its rows. The table is partitioned by ``batch_column``.

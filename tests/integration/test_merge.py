@@ -6,10 +6,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
+import pytest
 from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
 from pipeline import delta
+from pipeline.errors import CommitConflictError
 from pipeline.specs import ORDERS, PRODUCTS
 from pipeline.validate import table_schema
 
@@ -126,3 +128,37 @@ def test_rejected_rows_of_a_batch_are_replaced_not_duplicated(tmp_path: Path) ->
     delta.replace_batch_rows(uri, rows, batch_column="batch_id", batch_id="b1")
     counts = pl.read_delta(uri).group_by("batch_id").len().sort("batch_id")
     assert counts.rows() == [("b1", 2), ("b2", 2)]
+
+
+def test_a_commit_conflict_is_retried_and_the_merge_lands_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    real_merge = delta._merge_rows_once
+    calls = {"n": 0}
+
+    def conflicting_once(*args: object, **kwargs: object) -> delta.MergeResult:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise CommitConflictError("another writer committed first")
+        return real_merge(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(delta, "_merge_rows_once", conflicting_once)
+    monkeypatch.setattr(delta.time, "sleep", lambda seconds: None)
+    result = delta.merge_rows(uri, orders((2, "2025-01-01 11:00:00", 6.0)), ORDERS)
+    assert calls["n"] == 2 and result.inserted == 1
+    assert read(uri).get_column("order_id").to_list() == [1, 2]
+
+
+def test_commit_conflicts_that_persist_are_raised_as_retryable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def always_conflicting(*args: object, **kwargs: object) -> delta.MergeResult:
+        raise CommitConflictError("another writer committed first")
+
+    monkeypatch.setattr(delta, "_merge_rows_once", always_conflicting)
+    monkeypatch.setattr(delta.time, "sleep", lambda seconds: None)
+    with pytest.raises(CommitConflictError) as raised:
+        delta.merge_rows(str(tmp_path / "orders"), orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    assert raised.value.retryable
