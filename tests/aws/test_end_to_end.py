@@ -226,6 +226,55 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
 
     monkeypatch.setattr(AthenaBackend, "get_query_results", get_query_results)
 
+    # moto's Glue job runs run nothing: run our Glue entry script with the run's arguments (and one of
+    # Glue's own, which the script must ignore), and fail the run when the script fails.
+    from moto.glue.models import FakeJob, FakeJobRun
+
+    real_start_job_run = FakeJob.start_job_run
+
+    def start_job_run(self: Any, *args: Any, **kwargs: Any) -> str:
+        run_id = real_start_job_run(self, *args, **kwargs)
+        run = self.get_job_run(run_id)
+        argv = ["--job-bookmark-option", "job-bookmark-disable"]
+        for name, value in (kwargs.get("arguments") or {}).items():
+            argv += [name, value]
+        done = subprocess.run(
+            [sys.executable, str(PROJECT / "containers" / "glue_entry.py"), *argv],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=PROJECT,
+        )
+        if done.returncode:
+            run.status = "FAILED"
+            run.error_message = (done.stderr.strip().splitlines() or [""])[-1]
+        return str(run_id)
+
+    monkeypatch.setattr(FakeJob, "start_job_run", start_job_run)
+
+    # moto's .sync code releases a callback endpoint that it only creates for services supporting
+    # waitForTaskToken, so glue:startJobRun.sync crashes on None; give Glue that endpoint too.
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_glue
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import (
+        ResourceCondition,
+    )
+
+    monkeypatch.setattr(
+        state_task_service_glue,
+        "_SUPPORTED_INTEGRATION_PATTERNS",
+        {ResourceCondition.Sync, ResourceCondition.WaitForTaskToken},
+    )
+    real_run_dict = FakeJobRun.as_dict
+
+    def run_dict(self: Any) -> dict[str, Any]:
+        data = dict(real_run_dict(self))
+        if getattr(self, "error_message", None):
+            data["ErrorMessage"] = self.error_message
+        return data
+
+    monkeypatch.setattr(FakeJobRun, "as_dict", run_dict)
+
     # A Map iteration that fails with a States.* error (a failed task) must fail the Map with that error
     # and its cause, as on AWS; moto's iteration worker wraps the name in a CustomErrorName, which
     # refuses the States. prefix and replaces the real cause with that refusal.
@@ -376,7 +425,7 @@ def _deploy(endpoint: str) -> dict[str, Any]:
     )["stateMachineArn"]
     os.environ["LAKEHOUSE_ROOT"] = ROOT
     os.environ["STATE_MACHINE_ARN"] = machine
-    return {"queue": queue, "inbox": inbox, "machine": machine}
+    return {"queue": queue, "inbox": inbox, "machine": machine, "definition": definition, "role": role}
 
 
 def _deliver_events(queue: str) -> int:
@@ -540,3 +589,43 @@ def test_a_failed_archive_is_notified_and_the_next_event_resumes_the_batch(chain
     assert resumed["name"].startswith(failed["name"] + "-")
     assert resumed["status"] == "SUCCEEDED", _notifications(chain["inbox"])
     assert _raw_keys() == []
+
+
+def test_the_glue_runner_loads_a_batch(chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import delta
+    from pipeline.batch import table_uri
+    from pipeline.storage import open_store
+
+    glue = boto3.client("glue")
+    for job in ("product_etl", "orders_etl", "order_items_etl"):
+        glue.create_job(
+            Name=job,
+            Role=chain["role"],
+            Command={
+                "Name": "pythonshell",
+                "ScriptLocation": f"s3://{BUCKET}/glue/glue_entry.py",
+                "PythonVersion": "3.9",
+            },
+        )
+    definition = chain["definition"].replace('"runner": "fargate"', '"runner": "glue"')
+    machine = boto3.client("stepfunctions").create_state_machine(
+        name="EcommerceETLPipelineGlue", definition=definition, roleArn=chain["role"]
+    )["stateMachineArn"]
+    monkeypatch.setenv("STATE_MACHINE_ARN", machine)
+    store = open_store(ROOT)
+    store.write_bytes(
+        "raw/products/p4.csv", b"product_id,department_id,department,product_name\n9004,1,x,y\n"
+    )
+    store.write_bytes("raw/orders/o4.csv", ORDER_HEADER + b"1,900004,1,2025-06-04T10:00:00,4.5,2025-06-04\n")
+    store.write_bytes(
+        "raw/order_items/i4.csv", ITEM_HEADER + b"900004,900004,1,,9004,1,0,2025-06-04T10:00:00,2025-06-04\n"
+    )
+    _deliver_events(chain["queue"])
+    (execution,) = _wait_for_executions(machine, 1)
+    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    runs = glue.get_job_runs(JobName="orders_etl")["JobRuns"]
+    assert [run["Arguments"]["--table"] for run in runs] == ["orders"]
+    assert "succeeded" in _notifications(chain["inbox"])[0]
+    orders = delta.scan(table_uri(store, "orders"))
+    assert orders is not None
+    assert orders.filter(delta_col("order_id") == 900004).collect().height == 1
