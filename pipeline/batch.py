@@ -72,7 +72,7 @@ def rejected_uri(store: Store, table: str) -> str:
     return store.uri(f"{REJECTED}/{table}")
 
 
-def _locate(store: Store, table: str, batch_id: str, entry: ManifestFile) -> tuple[str, bool]:
+def _locate(store: Store, table: str, batch_id: str, entry: ManifestFile) -> str:
     """The key holding a manifest file now: in ``raw/`` or, after a partial archive, ``archived/``."""
     info = store.stat(entry.key)
     if info is not None:
@@ -82,10 +82,10 @@ def _locate(store: Store, table: str, batch_id: str, entry: ManifestFile) -> tup
                 f"(size {entry.size} -> {info.size}); put back the original or delete "
                 f"{store.uri(f'{MANIFESTS}/{batch_id}.json')} to start a new batch"
             )
-        return entry.key, False
+        return entry.key
     moved = archived_key(table, batch_id, entry.key)
     if store.stat(moved) is not None:
-        return moved, True
+        return moved
     raise InputFileError(f"{store.uri(entry.key)} of batch {batch_id} is gone (not in raw/ nor archived/)")
 
 
@@ -202,7 +202,7 @@ def run_step(
 
     with ExitStack() as local_copies:
         for entry in manifest.files[spec.name]:
-            key, _ = _locate(store, spec.name, batch_id, entry)
+            key = _locate(store, spec.name, batch_id, entry)
             path = local_copies.enter_context(store.local_path(key))
             layout = read_layout(path, spec, entry.key)
             if layout is None:
