@@ -15,7 +15,7 @@ import polars as pl
 
 from pipeline import delta
 from pipeline.archive import archive_batch
-from pipeline.dedup import ORDER, repeated_values, survivor_mask, typed
+from pipeline.dedup import ORDER, repeated_values, split_survivors, typed
 from pipeline.errors import (
     CheckFailedError,
     InputFileError,
@@ -258,7 +258,8 @@ def run_step(
             if any(values.len() for values in unseen.values()):
                 extra = _known_references(store, spec, unseen)
                 known = {column: pl.concat([known[column], extra[column]]) for column in known}
-            keep, late = survivor_mask(valid, spec, known)
+            survivors, late = split_survivors(valid, spec, known)
+            del valid
             late = late.select(ORDER, REASONS)
             texts = pl.concat(text_parts)
             with_text = late.join(texts, on=ORDER, how="inner")
@@ -268,20 +269,18 @@ def run_step(
                 # Only when the fast key pre-scan and the reader disagreed about a record.
                 progress(f"{spec.name}: reading the original text of {unmatched.height:,} rows again")
                 rejected_parts.append(_original_text(unmatched, sources, spec))
-            # The survivors are not copied out: the merge filters them slice by slice with ``keep``.
-            rows = valid.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
-            del valid
+            rows = survivors.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
+            del survivors
         else:
-            rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
+            rows = pl.DataFrame()
 
     rejected_at = now or datetime.now(timezone.utc)
     kept_parts = [part for part in rejected_parts if part.height]
     rejected = pl.concat(kept_parts) if kept_parts else None
     rejected_rows = 0 if rejected is None else rejected.height
-    kept = int(keep.sum())
-    if kept + rejected_rows != rows_in:
+    if rows.height + rejected_rows != rows_in:
         raise LakehouseError(
-            f"{spec.name}: {rows_in} rows read but {kept} kept and {rejected_rows} rejected; "
+            f"{spec.name}: {rows_in} rows read but {rows.height} kept and {rejected_rows} rejected; "
             "refusing to write"
         )
 
@@ -299,8 +298,8 @@ def run_step(
             batch_id=batch_id,
         )
 
-    progress(f"{spec.name}: merging {kept:,} rows")
-    merged = delta.merge_rows(table_uri(store, spec.name), rows, spec, keep=keep) if kept else None
+    progress(f"{spec.name}: merging {rows.height:,} rows")
+    merged = delta.merge_rows(table_uri(store, spec.name), rows, spec) if rows.height else None
     inserted = merged.inserted if merged else 0
     updated = merged.updated if merged else 0
     return StepReport(
@@ -309,7 +308,7 @@ def run_step(
         rows_in=rows_in,
         inserted=inserted,
         updated=updated,
-        unchanged=kept - inserted - updated,
+        unchanged=rows.height - inserted - updated,
         rejected=rejected_rows,
         rejected_by_reason=dict(sorted(reasons.items())),
         delta_version=merged.version if merged else delta.table_version(table_uri(store, spec.name)),
