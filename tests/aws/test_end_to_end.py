@@ -323,7 +323,11 @@ def chain() -> Iterator[dict[str, Any]]:
                 )
             )
             _patch_moto(monkeypatch, endpoint)
-            yield _deploy(endpoint)
+            deployment = _deploy(endpoint)
+            # What the trigger Lambda's environment would hold.
+            monkeypatch.setenv("LAKEHOUSE_ROOT", ROOT)
+            monkeypatch.setenv("STATE_MACHINE_ARN", deployment["machine"])
+            yield deployment
         finally:
             server.stop()
 
@@ -423,8 +427,6 @@ def _deploy(endpoint: str) -> dict[str, Any]:
     machine = boto3.client("stepfunctions").create_state_machine(
         name="EcommerceETLPipeline", definition=definition, roleArn=role
     )["stateMachineArn"]
-    os.environ["LAKEHOUSE_ROOT"] = ROOT
-    os.environ["STATE_MACHINE_ARN"] = machine
     return {"queue": queue, "inbox": inbox, "machine": machine, "definition": definition, "role": role}
 
 
