@@ -3,7 +3,8 @@
 Writes the batch's final report, releases the root's batch lock, composes the SNS message and, after
 a success, starts the next batch if files landed meanwhile. Input:
 ``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: [{"table", "rows"}],
-"error"?: str, "cause"?: str}``.
+"error"?: str, "cause"?: str}``. Environment: as CheckDataAvailability (``LAKEHOUSE_ROOT``,
+``STATE_MACHINE_ARN``), for starting the next batch.
 """
 
 from __future__ import annotations
