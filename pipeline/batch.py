@@ -285,8 +285,9 @@ def run_step(
         )
 
     reasons: Counter[str] = Counter()
-    rejected_version = delta.table_version(rejected_uri(store, spec.name))
-    if rejected is not None:
+    if rejected is None:
+        rejected_version = delta.table_version(rejected_uri(store, spec.name))
+    else:
         reasons.update(rejected.get_column(REASONS).explode().to_list())
         progress(f"{spec.name}: writing {rejected.height:,} rejected rows")
         rejected_version = delta.replace_batch_rows(

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.request import Request, urlopen
 
 import boto3
+import polars as pl
 import pytest
 
 from tests.aws.conftest import lambda_context
@@ -58,10 +59,24 @@ ITEM_HEADER = (
 )
 
 
-def delta_col(name: str) -> Any:
-    import polars as pl
+PRODUCT_HEADER = b"product_id,department_id,department,product_name\n"
 
-    return pl.col(name)
+
+def _land_day(n: int, amount: bytes = b"4.5") -> None:
+    """Land one product, one order (id 900000 + n, on 2025-06-n) and its item, one file per dataset."""
+    from pipeline.storage import open_store
+
+    store = open_store(ROOT)
+    day, order, product = f"2025-06-{n:02d}".encode(), str(900_000 + n).encode(), str(9_000 + n).encode()
+    store.write_bytes(f"raw/products/p{n}.csv", PRODUCT_HEADER + product + b",1,x,y\n")
+    store.write_bytes(
+        f"raw/orders/o{n}.csv",
+        ORDER_HEADER + b"1," + order + b",1," + day + b"T10:00:00," + amount + b"," + day + b"\n",
+    )
+    store.write_bytes(
+        f"raw/order_items/i{n}.csv",
+        ITEM_HEADER + order + b"," + order + b",1,," + product + b",1,0," + day + b"T10:00:00," + day + b"\n",
+    )
 
 
 def _free_port() -> int:
@@ -525,15 +540,7 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
 
     store = open_store(ROOT)
     before = {t: delta.table_version(table_uri(store, t)) for t in ("products", "orders", "order_items")}
-    store.write_bytes(
-        "raw/products/p2.csv", b"product_id,department_id,department,product_name\n9001,1,x,y\n"
-    )
-    store.write_bytes(
-        "raw/order_items/i2.csv", ITEM_HEADER + b"900001,900001,1,,9001,1,0,2025-06-01T10:00:00,2025-06-01\n"
-    )
-    store.write_bytes(
-        "raw/orders/o2.csv", ORDER_HEADER + b"1,900001,1,2025-06-01T10:00:00,\xff\xfe,2025-06-01\n"
-    )
+    _land_day(2, amount=b"\xff\xfe")  # the orders file is not UTF-8: its step fails
     _deliver_events(chain["queue"])
     failed = _wait_for_executions(chain["machine"], 2)[-1]
     assert failed["status"] == "FAILED"
@@ -548,7 +555,7 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
 
     # The operator fixes the file and abandons the failed batch; the next upload starts a new one.
     store.delete(f"manifests/{failed['name']}.json")
-    store.write_bytes("raw/orders/o2.csv", ORDER_HEADER + b"1,900001,1,2025-06-01T10:00:00,12.5,2025-06-01\n")
+    _land_day(2)
     _deliver_events(chain["queue"])
     fixed = _wait_for_executions(chain["machine"], 3)[-1]
     assert fixed["status"] == "SUCCEEDED", _notifications(chain["inbox"])
@@ -556,22 +563,13 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
     assert _raw_keys() == []
     orders = delta.scan(table_uri(store, "orders"))
     assert orders is not None
-    order = orders.filter(delta_col("order_id") == 900001).collect()
+    order = orders.filter(pl.col("order_id") == 900_002).collect()
     assert order.height == 1
 
 
 def test_a_failed_archive_is_notified_and_the_next_event_resumes_the_batch(chain: dict[str, Any]) -> None:
-    from pipeline.storage import open_store
-
-    store = open_store(ROOT)
-    store.write_bytes(
-        "raw/products/p3.csv", b"product_id,department_id,department,product_name\n9002,1,x,y\n"
-    )
-    store.write_bytes("raw/orders/o3.csv", ORDER_HEADER + b"1,900002,1,2025-06-02T10:00:00,3.5,2025-06-02\n")
     FAILURES["ArchiveETLFiles"] = True
-    store.write_bytes(
-        "raw/order_items/i3.csv", ITEM_HEADER + b"900002,900002,1,,9002,1,0,2025-06-02T10:00:00,2025-06-02\n"
-    )
+    _land_day(3)
     _deliver_events(chain["queue"])
     failed = _wait_for_executions(chain["machine"], 4)[-1]
     assert failed["status"] == "FAILED"
@@ -615,13 +613,7 @@ def test_the_glue_runner_loads_a_batch(chain: dict[str, Any], monkeypatch: pytes
     )["stateMachineArn"]
     monkeypatch.setenv("STATE_MACHINE_ARN", machine)
     store = open_store(ROOT)
-    store.write_bytes(
-        "raw/products/p4.csv", b"product_id,department_id,department,product_name\n9004,1,x,y\n"
-    )
-    store.write_bytes("raw/orders/o4.csv", ORDER_HEADER + b"1,900004,1,2025-06-04T10:00:00,4.5,2025-06-04\n")
-    store.write_bytes(
-        "raw/order_items/i4.csv", ITEM_HEADER + b"900004,900004,1,,9004,1,0,2025-06-04T10:00:00,2025-06-04\n"
-    )
+    _land_day(4)
     _deliver_events(chain["queue"])
     (execution,) = _wait_for_executions(machine, 1)
     assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
@@ -630,4 +622,4 @@ def test_the_glue_runner_loads_a_batch(chain: dict[str, Any], monkeypatch: pytes
     assert "succeeded" in _notifications(chain["inbox"])[0]
     orders = delta.scan(table_uri(store, "orders"))
     assert orders is not None
-    assert orders.filter(delta_col("order_id") == 900004).collect().height == 1
+    assert orders.filter(pl.col("order_id") == 900_004).collect().height == 1
