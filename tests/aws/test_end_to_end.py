@@ -182,6 +182,10 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     monkeypatch.setattr(
         state_task_service_ecs.StateTaskServiceEcs, "_normalise_parameters", normalise_parameters
     )
+    # AWS's runTask integration accepts CapacityProviderStrategy (how the definition picks FARGATE or
+    # FARGATE_SPOT); moto's port filters parameters through a list that lacks it.
+    supported = state_task_service_ecs._SUPPORTED_API_PARAM_BINDINGS
+    monkeypatch.setitem(supported, "runtask", {*supported["runtask"], "CapacityProviderStrategy"})
     monkeypatch.setattr(state_task_service_ecs.StateTaskServiceEcs, "_normalise_response", normalise_response)
 
     real_resolver = state_task_service_ecs.StateTaskServiceEcs._build_sync_resolver
@@ -397,7 +401,7 @@ def _deploy(endpoint: str) -> dict[str, Any]:
         for name in ("ArchiveETLFiles", "FinishBatch")
     }
     ecs = boto3.client("ecs")
-    cluster = ecs.create_cluster(clusterName="lakehouse")["cluster"]["clusterArn"]
+    cluster = ecs.create_cluster(clusterName="lakehouse", capacityProviders=["FARGATE", "FARGATE_SPOT"])["cluster"]["clusterArn"]
     # moto needs the container's memory to place the task.
     task_definition = ecs.register_task_definition(
         family="lakehouse-step",

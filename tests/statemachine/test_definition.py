@@ -22,6 +22,7 @@ PLACEHOLDERS = {
     "SubnetB": "subnet-0b",
     "SecurityGroup": "sg-0a",
     "ContainerName": "lakehouse",
+    "CapacityProvider": "FARGATE",
     "ArchiveFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:ArchiveETLFiles",
     "FinishFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:FinishBatch",
     "CrawlerName": "ecommerce-lakehouse-crawler",
