@@ -401,7 +401,9 @@ def _deploy(endpoint: str) -> dict[str, Any]:
         for name in ("ArchiveETLFiles", "FinishBatch")
     }
     ecs = boto3.client("ecs")
-    cluster = ecs.create_cluster(clusterName="lakehouse", capacityProviders=["FARGATE", "FARGATE_SPOT"])["cluster"]["clusterArn"]
+    cluster = ecs.create_cluster(clusterName="lakehouse", capacityProviders=["FARGATE", "FARGATE_SPOT"])[
+        "cluster"
+    ]["clusterArn"]
     # moto needs the container's memory to place the task.
     task_definition = ecs.register_task_definition(
         family="lakehouse-step",

@@ -1,0 +1,1 @@
+"""The AWS CDK app that deploys the lakehouse: see infra/app.py and the README's deploy section."""

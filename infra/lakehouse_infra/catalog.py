@@ -1,0 +1,188 @@
+"""Glue Data Catalog (database, Delta crawler) and the Athena workgroup that checks the tables."""
+
+from __future__ import annotations
+
+from aws_cdk import Aws, Duration, RemovalPolicy
+from aws_cdk import aws_athena as athena
+from aws_cdk import aws_glue as glue
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from lakehouse_infra.config import LakehouseConfig
+from lakehouse_infra.sources import steps
+
+DATABASE = "ecommerce_dwh"
+CRAWLER = "ecommerce-lakehouse-crawler"
+WORKGROUP = "ecommerce-lakehouse"
+LAKEHOUSE_PREFIX = "lakehouse-dwh/"
+
+
+class LakehouseCatalog(Construct):
+    """The tables as native Delta tables in ``ecommerce_dwh``, crawled from lakehouse-dwh/."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        bucket: s3.IBucket,
+        log_bucket: s3.IBucket,
+        key: kms.IKey,
+        config: LakehouseConfig,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.tables = [step["table"] for step in steps()]
+        self.security_configuration = glue.SecurityConfiguration(
+            self,
+            "Security",
+            security_configuration_name="ecommerce-lakehouse",
+            s3_encryption=glue.S3Encryption.kms(key),
+            cloud_watch_encryption=glue.CloudWatchEncryption.kms(key),
+            job_bookmarks_encryption=glue.JobBookmarksEncryption.client_side_kms(key),
+        )
+        self.database = glue.CfnDatabase(
+            self,
+            "Database",
+            catalog_id=Aws.ACCOUNT_ID,
+            database_input=glue.CfnDatabase.DatabaseInputProperty(
+                name=DATABASE, description="E-commerce lakehouse: Delta tables written by the lakehouse steps"
+            ),
+        )
+        self.crawler_role = iam.Role(
+            self,
+            "CrawlerRole",
+            assumed_by=iam.ServicePrincipal("glue.amazonaws.com"),
+            description=f"Glue crawler {CRAWLER}: reads lakehouse-dwh/, writes {DATABASE}'s tables",
+        )
+        bucket.grant_read(self.crawler_role, f"{LAKEHOUSE_PREFIX}*")
+        self.crawler_role.add_to_policy(
+            iam.PolicyStatement(
+                sid="CatalogTables",
+                actions=[
+                    "glue:GetDatabase",
+                    "glue:GetTable",
+                    "glue:GetTables",
+                    "glue:CreateTable",
+                    "glue:UpdateTable",
+                    "glue:GetPartition",
+                    "glue:GetPartitions",
+                    "glue:BatchGetPartition",
+                    "glue:BatchCreatePartition",
+                    "glue:BatchUpdatePartition",
+                ],
+                # table/<db>/*: the crawler creates the tables, so their names are not resources yet.
+                resources=[self.catalog_arn(), self.database_arn(), self.tables_arn()],
+            )
+        )
+        self.crawler_role.add_to_policy(
+            iam.PolicyStatement(
+                sid="CrawlerLogs",
+                actions=[
+                    "logs:CreateLogGroup",
+                    "logs:CreateLogStream",
+                    "logs:PutLogEvents",
+                    "logs:AssociateKmsKey",
+                ],
+                # Glue writes crawler logs to streams it names per run, under /aws-glue/crawlers*.
+                resources=[
+                    f"arn:{Aws.PARTITION}:logs:{Aws.REGION}:{Aws.ACCOUNT_ID}:log-group:/aws-glue/crawlers*"
+                ],
+            )
+        )
+        key.grant_encrypt_decrypt(self.crawler_role)
+        self.crawler = glue.CfnCrawler(
+            self,
+            "Crawler",
+            name=CRAWLER,
+            description="Registers the lakehouse's Delta tables (native Delta, no manifests) for Athena",
+            role=self.crawler_role.role_arn,
+            database_name=DATABASE,
+            targets=glue.CfnCrawler.TargetsProperty(
+                # Delta targets, not S3 targets: an S3 crawl would expose superseded Parquet files as rows.
+                delta_targets=[
+                    glue.CfnCrawler.DeltaTargetProperty(
+                        delta_tables=[
+                            f"s3://{bucket.bucket_name}/{LAKEHOUSE_PREFIX}{table}/" for table in self.tables
+                        ],
+                        create_native_delta_table=True,
+                        write_manifest=False,
+                    )
+                ]
+            ),
+            schema_change_policy=glue.CfnCrawler.SchemaChangePolicyProperty(
+                update_behavior="UPDATE_IN_DATABASE", delete_behavior="LOG"
+            ),
+            crawler_security_configuration=self.security_configuration.security_configuration_name,
+        )
+        self.crawler.add_resource_dependency(self.database)
+
+        self.results_bucket = s3.Bucket(
+            self,
+            "AthenaResults",
+            encryption=s3.BucketEncryption.KMS,
+            encryption_key=key,
+            bucket_key_enabled=True,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            enforce_ssl=True,
+            minimum_tls_version=1.2,
+            versioned=True,
+            server_access_logs_bucket=log_bucket,
+            server_access_logs_prefix="athena-results/",
+            lifecycle_rules=[
+                s3.LifecycleRule(
+                    id="expire-results",
+                    expiration=Duration.days(config.athena_results_days),
+                    noncurrent_version_expiration=Duration.days(1),
+                    abort_incomplete_multipart_upload_after=Duration.days(1),
+                )
+            ],
+            # Query results can always be recomputed.
+            removal_policy=RemovalPolicy.DESTROY,
+            auto_delete_objects=True,
+        )
+        self.workgroup = athena.CfnWorkGroup(
+            self,
+            "WorkGroup",
+            name=WORKGROUP,
+            description="Row-count checks of the lakehouse tables after each batch",
+            state="ENABLED",
+            recursive_delete_option=True,
+            work_group_configuration=athena.CfnWorkGroup.WorkGroupConfigurationProperty(
+                enforce_work_group_configuration=True,
+                publish_cloud_watch_metrics_enabled=True,
+                # Native Delta tables need engine version 3.
+                engine_version=athena.CfnWorkGroup.EngineVersionProperty(
+                    selected_engine_version="Athena engine version 3"
+                ),
+                result_configuration=athena.CfnWorkGroup.ResultConfigurationProperty(
+                    output_location=f"s3://{self.results_bucket.bucket_name}/",
+                    encryption_configuration=athena.CfnWorkGroup.EncryptionConfigurationProperty(
+                        encryption_option="SSE_KMS", kms_key=key.key_arn
+                    ),
+                    expected_bucket_owner=Aws.ACCOUNT_ID,
+                ),
+            ),
+        )
+
+    @staticmethod
+    def catalog_arn() -> str:
+        return f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:catalog"
+
+    @staticmethod
+    def database_arn() -> str:
+        return f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:database/{DATABASE}"
+
+    @staticmethod
+    def tables_arn() -> str:
+        return f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:table/{DATABASE}/*"
+
+    @property
+    def crawler_arn(self) -> str:
+        return f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:crawler/{CRAWLER}"
+
+    @property
+    def workgroup_arn(self) -> str:
+        return f"arn:{Aws.PARTITION}:athena:{Aws.REGION}:{Aws.ACCOUNT_ID}:workgroup/{WORKGROUP}"

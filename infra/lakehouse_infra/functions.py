@@ -1,0 +1,118 @@
+"""The Lambda handlers of handlers/, deployed as one small zip with AWS's Powertools layer."""
+
+from __future__ import annotations
+
+from aws_cdk import Aws, Duration, RemovalPolicy
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from lakehouse_infra.config import LakehouseConfig
+from lakehouse_infra.sources import LAMBDA_ASSET_EXCLUDES, PROJECT_ROOT
+
+RUNTIME = lambda_.Runtime.PYTHON_3_12
+
+
+class HandlerFunction(Construct):
+    """One handler: its function, its log group (with retention) and an alarm on its errors."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        handler: str,
+        description: str,
+        environment: dict[str, str],
+        timeout: Duration,
+        key: kms.IKey,
+        config: LakehouseConfig,
+        memory_size: int = 256,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            retention=retention(config.log_retention_days),
+            encryption_key=key,
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        # The Powertools layer AWS publishes in every region (no build step, no Docker for synth).
+        powertools = lambda_.LayerVersion.from_layer_version_arn(
+            self,
+            "Powertools",
+            f"arn:{Aws.PARTITION}:lambda:{Aws.REGION}:017000801446:layer:"
+            f"AWSLambdaPowertoolsPythonV3-python312-arm64:{config.powertools_layer_version}",
+        )
+        # Its own role writing only to its own log group (instead of AWSLambdaBasicExecutionRole's
+        # logs actions on every log group).
+        self.role = iam.Role(
+            self, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"), description=description
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="OwnLogGroup",
+                actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                resources=[self.log_group.log_group_arn],
+            )
+        )
+        # Active tracing makes CDK add xray:PutTraceSegments/PutTelemetryRecords on "*": X-Ray has no
+        # resource-level permissions.
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            description=description,
+            runtime=RUNTIME,
+            architecture=lambda_.Architecture.ARM_64,
+            handler=handler,
+            code=lambda_.Code.from_asset(str(PROJECT_ROOT), exclude=LAMBDA_ASSET_EXCLUDES),
+            layers=[powertools],
+            memory_size=memory_size,
+            timeout=timeout,
+            environment={"POWERTOOLS_SERVICE_NAME": "ecommerce-lakehouse", **environment},
+            tracing=lambda_.Tracing.ACTIVE,
+            log_group=self.log_group,
+            role=self.role,
+        )
+        self.errors_alarm = cloudwatch.Alarm(
+            self,
+            "Errors",
+            alarm_description=f"{construct_id} raised errors (see its log group)",
+            metric=self.function.metric_errors(period=Duration.minutes(5), statistic="Sum"),
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+
+
+_RETENTION = {
+    1: logs.RetentionDays.ONE_DAY,
+    3: logs.RetentionDays.THREE_DAYS,
+    5: logs.RetentionDays.FIVE_DAYS,
+    7: logs.RetentionDays.ONE_WEEK,
+    14: logs.RetentionDays.TWO_WEEKS,
+    30: logs.RetentionDays.ONE_MONTH,
+    60: logs.RetentionDays.TWO_MONTHS,
+    90: logs.RetentionDays.THREE_MONTHS,
+    120: logs.RetentionDays.FOUR_MONTHS,
+    150: logs.RetentionDays.FIVE_MONTHS,
+    180: logs.RetentionDays.SIX_MONTHS,
+    365: logs.RetentionDays.ONE_YEAR,
+    400: logs.RetentionDays.THIRTEEN_MONTHS,
+    545: logs.RetentionDays.EIGHTEEN_MONTHS,
+    731: logs.RetentionDays.TWO_YEARS,
+    1096: logs.RetentionDays.THREE_YEARS,
+    1827: logs.RetentionDays.FIVE_YEARS,
+    3653: logs.RetentionDays.TEN_YEARS,
+}
+
+
+def retention(days: int) -> logs.RetentionDays:
+    """The shortest CloudWatch Logs retention period that keeps at least ``days`` days."""
+    return next(
+        (value for limit, value in sorted(_RETENTION.items()) if limit >= days), logs.RetentionDays.TEN_YEARS
+    )

@@ -1,0 +1,478 @@
+"""The CDK stack: resources, their wiring and their security properties, for both runners."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aws_cdk")
+
+from aws_cdk.assertions import Match, Template
+from lakehouse_infra.config import ConfigError, LakehouseConfig
+from lakehouse_infra.sources import DEFINITION, placeholders
+
+from tests.statemachine.test_definition import PLACEHOLDERS
+
+pytestmark = pytest.mark.slow
+
+# Actions AWS offers no resource-level permissions for, added by CDK for tracing, logging and image pulls.
+RESOURCE_STAR_ACTIONS = {
+    "xray:PutTraceSegments",
+    "xray:PutTelemetryRecords",
+    "xray:GetSamplingRules",
+    "xray:GetSamplingTargets",
+    "logs:CreateLogDelivery",
+    "logs:GetLogDelivery",
+    "logs:UpdateLogDelivery",
+    "logs:DeleteLogDelivery",
+    "logs:ListLogDeliveries",
+    "logs:PutResourcePolicy",
+    "logs:DescribeResourcePolicies",
+    "logs:DescribeLogGroups",
+    "ecr:GetAuthorizationToken",
+}
+
+
+def resources(template: Template, kind: str, props: dict[str, Any] | None = None) -> dict[str, Any]:
+    return dict(template.find_resources(kind, {"Properties": props} if props else None))
+
+
+def only(template: Template, kind: str, props: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    found = resources(template, kind, props)
+    assert len(found) == 1, f"expected one {kind} matching {props}, found {len(found)}"
+    ((logical_id, resource),) = found.items()
+    return logical_id, resource
+
+
+def data_bucket(template: Template) -> tuple[str, dict[str, Any]]:
+    """The bucket with lifecycle rule archived-to-cheaper-storage."""
+    for logical_id, bucket in resources(template, "AWS::S3::Bucket").items():
+        rules = bucket["Properties"].get("LifecycleConfiguration", {}).get("Rules", [])
+        if any(rule["Id"] == "archived-to-cheaper-storage" for rule in rules):
+            return logical_id, bucket
+    raise AssertionError("no data bucket")
+
+
+def statements(template: Template, role_logical_id: str) -> list[dict[str, Any]]:
+    """Every statement of the inline policies attached to one role."""
+    found = []
+    for policy in resources(template, "AWS::IAM::Policy").values():
+        roles = policy["Properties"].get("Roles", [])
+        if {"Ref": role_logical_id} in roles:
+            found.extend(policy["Properties"]["PolicyDocument"]["Statement"])
+    return found
+
+
+def actions_of(statement: dict[str, Any]) -> list[str]:
+    action = statement["Action"]
+    return action if isinstance(action, list) else [action]
+
+
+def state_machine_role(template: Template) -> str:
+    _, machine = only(template, "AWS::StepFunctions::StateMachine")
+    role: str = machine["Properties"]["RoleArn"]["Fn::GetAtt"][0]
+    return role
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+
+def test_data_bucket_is_encrypted_with_the_stacks_key_and_closed_to_the_public(template: Template) -> None:
+    _, bucket = data_bucket(template)
+    props = bucket["Properties"]
+    (encryption,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert encryption["ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
+    assert encryption["BucketKeyEnabled"] is True
+    assert props["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
+    }
+    assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+    assert props["LoggingConfiguration"]["LogFilePrefix"] == "data-bucket/"
+    assert bucket["DeletionPolicy"] == "Retain"
+
+
+def test_every_bucket_denies_requests_without_tls(template: Template) -> None:
+    buckets = resources(template, "AWS::S3::Bucket")
+    policies = resources(template, "AWS::S3::BucketPolicy").values()
+    denied = set()
+    for policy in policies:
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            if statement["Effect"] == "Deny" and statement.get("Condition", {}).get("Bool") == {
+                "aws:SecureTransport": "false"
+            }:
+                denied.add(policy["Properties"]["Bucket"]["Ref"])
+    assert denied == set(buckets)
+
+
+def test_archived_files_move_to_cheaper_storage_and_old_versions_expire(fargate_template: Template) -> None:
+    _, bucket = data_bucket(fargate_template)
+    rules = {rule["Id"]: rule for rule in bucket["Properties"]["LifecycleConfiguration"]["Rules"]}
+    archived = rules["archived-to-cheaper-storage"]
+    assert archived["Prefix"] == "archived/"
+    assert [(t["StorageClass"], t["TransitionInDays"]) for t in archived["Transitions"]] == [
+        ("STANDARD_IA", 30),
+        ("GLACIER_IR", 90),
+    ]
+    assert "ExpirationInDays" not in archived  # kept forever unless archive_expiry_days is set
+    assert rules["old-versions-and-uploads"]["NoncurrentVersionExpiration"] == {"NoncurrentDays": 30}
+
+
+def test_archive_expiry_bucket_name_and_teardown_follow_the_context(tmp_path: Any) -> None:
+    from tests.infra.conftest import synthesize
+
+    stack = synthesize(
+        tmp_path, archive_expiry_days="730", bucket_name="my-lakehouse", retain_data="false", runner="fargate"
+    )
+    template = Template.from_stack(stack)
+    _, bucket = data_bucket(template)
+    assert bucket["Properties"]["BucketName"] == "my-lakehouse"
+    assert bucket["DeletionPolicy"] == "Delete"
+    rules = {rule["Id"]: rule for rule in bucket["Properties"]["LifecycleConfiguration"]["Rules"]}
+    assert rules["archived-to-cheaper-storage"]["ExpirationInDays"] == 730
+    assert resources(template, "Custom::S3AutoDeleteObjects")
+
+
+# --- events ----------------------------------------------------------------------------------------
+
+
+def test_raw_csv_uploads_reach_the_queue_and_failures_go_to_a_dead_letter_queue(template: Template) -> None:
+    queue_id, queue = only(template, "AWS::SQS::Queue", {"QueueName": "ecommerce-etl-queue"})
+    dlq_id, dlq = only(template, "AWS::SQS::Queue", {"QueueName": "ecommerce-etl-queue-dlq"})
+    assert queue["Properties"]["SqsManagedSseEnabled"] is True
+    assert dlq["Properties"]["SqsManagedSseEnabled"] is True
+    assert queue["Properties"]["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]},
+        "maxReceiveCount": 5,
+    }
+    _, notifications = only(template, "Custom::S3BucketNotifications")
+    (config,) = notifications["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+    assert config["Events"] == ["s3:ObjectCreated:*"]
+    assert config["QueueArn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    rules = {rule["Name"]: rule["Value"] for rule in config["Filter"]["Key"]["FilterRules"]}
+    assert rules == {"prefix": "raw/", "suffix": ".csv"}
+    _, mapping = only(template, "AWS::Lambda::EventSourceMapping")
+    assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_handlers_run_on_arm64_python_312_with_tracing_and_point_at_real_functions(
+    template: Template,
+) -> None:
+    ours = {
+        logical_id: function
+        for logical_id, function in resources(template, "AWS::Lambda::Function").items()
+        if function["Properties"].get("Handler", "").startswith("handlers.")
+    }
+    assert len(ours) == 3
+    for function in ours.values():
+        props = function["Properties"]
+        assert props["Runtime"] == "python3.12"
+        assert props["Architectures"] == ["arm64"]
+        assert props["TracingConfig"] == {"Mode": "Active"}
+        assert any(
+            "AWSLambdaPowertoolsPythonV3-python312-arm64" in json.dumps(layer) for layer in props["Layers"]
+        )
+        module, _, name = props["Handler"].rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_log_groups_have_retention_and_the_stacks_key(template: Template) -> None:
+    groups = resources(template, "AWS::Logs::LogGroup")
+    assert groups
+    for group in groups.values():
+        assert group["Properties"]["RetentionInDays"] == 90
+        assert "KmsKeyId" in group["Properties"]
+
+
+def test_the_trigger_and_finish_know_the_root_and_the_state_machine(template: Template) -> None:
+    functions = resources(template, "AWS::Lambda::Function")
+    by_handler = {f["Properties"].get("Handler"): f["Properties"] for f in functions.values()}
+    for handler in (
+        "handlers.check_data_availability.lambda_handler",
+        "handlers.finish_batch.lambda_handler",
+    ):
+        variables = by_handler[handler]["Environment"]["Variables"]
+        assert set(variables) >= {"LAKEHOUSE_ROOT", "STATE_MACHINE_ARN"}
+        assert "EcommerceETLPipeline" in json.dumps(variables["STATE_MACHINE_ARN"]) or "Ref" in json.dumps(
+            variables["STATE_MACHINE_ARN"]
+        )
+
+
+# --- runners ---------------------------------------------------------------------------------------
+
+
+def test_fargate_task_is_arm64_read_only_and_sized_by_the_context(fargate_template: Template) -> None:
+    _, task = only(fargate_template, "AWS::ECS::TaskDefinition")
+    props = task["Properties"]
+    assert props["RuntimePlatform"] == {"CpuArchitecture": "ARM64", "OperatingSystemFamily": "LINUX"}
+    assert (props["Cpu"], props["Memory"]) == ("2048", "8192")
+    (container,) = props["ContainerDefinitions"]
+    assert container["Name"] == "lakehouse"
+    assert container["ReadonlyRootFilesystem"] is True
+    assert container["MountPoints"] == [{"ContainerPath": "/tmp", "ReadOnly": False, "SourceVolume": "tmp"}]
+    _, providers = only(fargate_template, "AWS::ECS::ClusterCapacityProviderAssociations")
+    assert set(providers["Properties"]["CapacityProviders"]) == {"FARGATE", "FARGATE_SPOT"}
+    assert not resources(fargate_template, "AWS::Glue::Job")
+
+
+def test_fargate_size_architecture_and_spot_come_from_the_context(tmp_path: Any) -> None:
+    from tests.infra.conftest import synthesize
+
+    stack = synthesize(
+        tmp_path,
+        fargate_cpu="4096",
+        fargate_memory_mib="16384",
+        fargate_architecture="x86_64",
+        fargate_spot="true",
+    )
+    template = Template.from_stack(stack)
+    _, task = only(template, "AWS::ECS::TaskDefinition")
+    assert (task["Properties"]["Cpu"], task["Properties"]["Memory"]) == ("4096", "16384")
+    assert task["Properties"]["RuntimePlatform"]["CpuArchitecture"] == "X86_64"
+    _, machine = only(template, "AWS::StepFunctions::StateMachine")
+    assert machine["Properties"]["DefinitionSubstitutions"]["CapacityProvider"] == "FARGATE_SPOT"
+
+
+def test_tasks_run_in_private_subnets_with_https_out_only(fargate_template: Template) -> None:
+    _, machine = only(fargate_template, "AWS::StepFunctions::StateMachine")
+    substitutions = machine["Properties"]["DefinitionSubstitutions"]
+    subnets = resources(fargate_template, "AWS::EC2::Subnet")
+    for name in ("SubnetA", "SubnetB"):
+        subnet_id = substitutions[name]["Ref"]
+        assert subnets[subnet_id]["Properties"]["MapPublicIpOnLaunch"] is False
+    group_id = substitutions["SecurityGroup"]["Fn::GetAtt"][0]
+    group = resources(fargate_template, "AWS::EC2::SecurityGroup")[group_id]["Properties"]
+    assert "SecurityGroupIngress" not in group
+    assert [
+        (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) for rule in group["SecurityGroupEgress"]
+    ] == [("tcp", 443, 443)]
+    assert resources(fargate_template, "AWS::EC2::FlowLog")
+    assert resources(fargate_template, "AWS::EC2::VPCEndpoint", {"VpcEndpointType": "Gateway"})
+
+
+def test_glue_runner_has_the_three_python_shell_jobs_with_the_projects_wheel(glue_template: Template) -> None:
+    jobs = resources(glue_template, "AWS::Glue::Job")
+    by_name = {job["Properties"]["Name"]: job["Properties"] for job in jobs.values()}
+    assert set(by_name) == {"product_etl", "orders_etl", "order_items_etl"}
+    security_id, _ = only(glue_template, "AWS::Glue::SecurityConfiguration")
+    for name, table in (
+        ("product_etl", "products"),
+        ("orders_etl", "orders"),
+        ("order_items_etl", "order_items"),
+    ):
+        job = by_name[name]
+        assert job["Command"]["Name"] == "pythonshell"
+        assert job["Command"]["PythonVersion"] == "3.9"
+        arguments = job["DefaultArguments"]
+        assert arguments["--table"] == table
+        assert arguments["library-set"] == "none"  # our wheel's dependencies, not Glue's analytics set
+        wheel = json.dumps(arguments["--additional-python-modules"])
+        assert re.search(r"artifacts/glue/ecommerce_lakehouse-[\d.]+-py3-none-any\.whl", wheel)
+        assert job["SecurityConfiguration"] == {"Ref": security_id}
+    assert resources(glue_template, "Custom::CDKBucketDeployment")
+    assert not resources(glue_template, "AWS::ECS::TaskDefinition")
+
+
+# --- catalog, Athena, SNS --------------------------------------------------------------------------
+
+
+def test_crawler_registers_native_delta_tables_of_every_step(template: Template) -> None:
+    only(template, "AWS::Glue::Database", {"DatabaseInput": {"Name": "ecommerce_dwh"}})
+    _, crawler = only(template, "AWS::Glue::Crawler")
+    props = crawler["Properties"]
+    assert props["Name"] == "ecommerce-lakehouse-crawler"
+    assert props["DatabaseName"] == "ecommerce_dwh"
+    assert "S3Targets" not in props["Targets"]
+    (target,) = props["Targets"]["DeltaTargets"]
+    assert target["CreateNativeDeltaTable"] is True
+    paths = json.dumps(target["DeltaTables"])
+    for table in ("products", "orders", "order_items"):
+        assert f"/lakehouse-dwh/{table}/" in paths
+    assert "CrawlerSecurityConfiguration" in props
+
+
+def test_athena_workgroup_enforces_encrypted_results_in_its_own_bucket(template: Template) -> None:
+    _, workgroup = only(template, "AWS::Athena::WorkGroup")
+    config = workgroup["Properties"]["WorkGroupConfiguration"]
+    assert workgroup["Properties"]["Name"] == "ecommerce-lakehouse"
+    assert config["EnforceWorkGroupConfiguration"] is True
+    assert config["ResultConfiguration"]["EncryptionConfiguration"]["EncryptionOption"] == "SSE_KMS"
+    results_bucket = config["ResultConfiguration"]["OutputLocation"]["Fn::Join"][1][1]["Ref"]
+    data_bucket_id, _ = data_bucket(template)
+    assert results_bucket != data_bucket_id
+    assert results_bucket in resources(template, "AWS::S3::Bucket")
+
+
+def test_topic_is_encrypted_and_the_email_subscription_is_optional(template: Template) -> None:
+    _, topic = only(template, "AWS::SNS::Topic")
+    assert topic["Properties"]["TopicName"] == "ecommerce-etl-notifications"
+    assert "KmsMasterKeyId" in topic["Properties"]
+    parameter = template.to_json()["Parameters"]["NotificationEmail"]
+    assert parameter["Default"] == ""
+    _, subscription = only(template, "AWS::SNS::Subscription")
+    assert subscription["Properties"]["Protocol"] == "email"
+    condition = subscription["Condition"]
+    assert condition in template.to_json()["Conditions"]
+
+
+def test_key_rotates(template: Template) -> None:
+    _, key = only(template, "AWS::KMS::Key")
+    assert key["Properties"]["EnableKeyRotation"] is True
+
+
+# --- state machine ---------------------------------------------------------------------------------
+
+
+def test_state_machine_is_the_definition_file_with_every_placeholder_substituted(template: Template) -> None:
+    _, machine = only(template, "AWS::StepFunctions::StateMachine")
+    props = machine["Properties"]
+    assert props["StateMachineName"] == "EcommerceETLPipeline"
+    assert props["DefinitionString"] == DEFINITION.read_text()
+    substitutions = props["DefinitionSubstitutions"]
+    used = set(re.findall(r"\$\{(\w+)\}", props["DefinitionString"]))
+    assert used == placeholders() == set(PLACEHOLDERS)
+    assert set(substitutions) == used
+    assert all(value not in ("", None) for value in substitutions.values())
+    assert props["LoggingConfiguration"]["Level"] == "ALL"
+    assert props["TracingConfiguration"] == {"Enabled": True}
+
+
+def test_runner_substitutions_point_at_the_runner(
+    fargate_template: Template, glue_template: Template
+) -> None:
+    fargate = only(fargate_template, "AWS::StepFunctions::StateMachine")[1]["Properties"][
+        "DefinitionSubstitutions"
+    ]
+    glue = only(glue_template, "AWS::StepFunctions::StateMachine")[1]["Properties"]["DefinitionSubstitutions"]
+    assert fargate["Runner"] == "fargate" and glue["Runner"] == "glue"
+    task_definition = next(iter(resources(fargate_template, "AWS::ECS::TaskDefinition")))
+    assert fargate["TaskDefinitionArn"] == {"Ref": task_definition}
+    assert fargate["ContainerName"] == "lakehouse"
+    assert fargate["CapacityProvider"] == "FARGATE"
+
+
+def test_state_machine_role_has_exactly_the_actions_of_its_states(
+    fargate_template: Template, glue_template: Template
+) -> None:
+    common = {
+        "lambda:InvokeFunction",
+        "sns:Publish",
+        "glue:GetCrawler",
+        "glue:StartCrawler",
+        "athena:StartQueryExecution",
+        "athena:GetQueryExecution",
+        "athena:GetQueryResults",
+        # What Athena's COUNT(*) reads with the caller's rights:
+        "glue:GetDatabase",
+        "glue:GetTable",
+        "glue:GetPartition",
+        "glue:GetPartitions",
+    }
+    runners = {
+        "fargate": {
+            "ecs:RunTask",
+            "ecs:DescribeTasks",
+            "ecs:StopTask",
+            "iam:PassRole",
+            "events:PutTargets",
+            "events:PutRule",
+            "events:DescribeRule",
+        },
+        "glue": {"glue:StartJobRun", "glue:GetJobRun", "glue:GetJobRuns", "glue:BatchStopJobRun"},
+    }
+    for runner, template in (("fargate", fargate_template), ("glue", glue_template)):
+        granted = {
+            action
+            for statement in statements(template, state_machine_role(template))
+            for action in actions_of(statement)
+            if not action.startswith(("s3:", "kms:")) and action not in RESOURCE_STAR_ACTIONS
+        }
+        assert granted == common | runners[runner], runner
+
+
+def test_no_action_on_every_resource_except_those_aws_cannot_scope(template: Template) -> None:
+    for logical_id, policy in resources(template, "AWS::IAM::Policy").items():
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            actions = actions_of(statement)
+            assert "*" not in actions, logical_id
+            if statement["Resource"] == "*" or "*" in (
+                statement["Resource"] if isinstance(statement["Resource"], list) else []
+            ):
+                assert set(actions) <= RESOURCE_STAR_ACTIONS, (logical_id, actions)
+    for logical_id, role in resources(template, "AWS::IAM::Role").items():
+        for policy in role["Properties"].get("Policies", []):
+            for statement in policy["PolicyDocument"]["Statement"]:
+                assert statement["Resource"] != "*" or set(actions_of(statement)) <= RESOURCE_STAR_ACTIONS, (
+                    logical_id
+                )
+
+
+def test_alarms_on_failed_executions_dead_letters_and_handler_errors_notify_the_topic(
+    template: Template,
+) -> None:
+    topic_id, _ = only(template, "AWS::SNS::Topic")
+    alarms = resources(template, "AWS::CloudWatch::Alarm").values()
+    metrics = {(alarm["Properties"]["Namespace"], alarm["Properties"]["MetricName"]) for alarm in alarms}
+    assert ("AWS/States", "ExecutionsFailed") in metrics
+    assert ("AWS/SQS", "ApproximateNumberOfMessagesVisible") in metrics
+    assert ("AWS/Lambda", "Errors") in metrics
+    for alarm in alarms:
+        assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
+
+
+def test_stack_outputs_the_bucket_and_the_state_machine(template: Template) -> None:
+    outputs = template.to_json()["Outputs"]
+    assert {"BucketName", "LakehouseRoot", "StateMachineArn", "TopicArn", "QueueUrl"} <= set(outputs)
+
+
+def test_queue_policy_lets_only_this_bucket_send(template: Template) -> None:
+    template.has_resource_properties(
+        "AWS::SQS::QueuePolicy",
+        {
+            "PolicyDocument": {
+                "Statement": Match.array_with(
+                    [
+                        Match.object_like(
+                            {
+                                "Action": Match.array_with(["sqs:SendMessage"]),
+                                "Principal": {"Service": "s3.amazonaws.com"},
+                                "Condition": {"ArnLike": {"aws:SourceArn": Match.any_value()}},
+                            }
+                        )
+                    ]
+                )
+            }
+        },
+    )
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ({"runner": "spark"}, "runner must be 'fargate' or 'glue'"),
+        ({"fargate_cpu": "1024", "fargate_memory_mib": "16384"}, "is not a Fargate size"),
+        ({"fargate_spot": "maybe"}, "fargate_spot='maybe' is not a bool"),
+        ({"nat_gateways": "0"}, "nat_gateways must be 1 or 2"),
+        ({"archive_infrequent_access_days": "10"}, "at least 30"),
+        ({"archive_expiry_days": "60"}, "archive_expiry_days must be 0 (never) or later"),
+        ({"log_retention_days": "x"}, "log_retention_days='x' is not a int"),
+    ],
+)
+def test_bad_context_values_are_named_in_the_error(context: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        LakehouseConfig.from_context(context)
+
+
+def test_defaults_deploy_fargate_on_arm64() -> None:
+    config = LakehouseConfig.from_context({})
+    assert (config.runner, config.fargate_architecture, config.fargate_spot) == ("fargate", "arm64", False)
