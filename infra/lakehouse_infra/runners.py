@@ -111,6 +111,8 @@ class FargateRunner(Construct):
             logging=ecs.LogDrivers.aws_logs(stream_prefix="step", log_group=self.log_group),
             readonly_root_filesystem=True,
             essential=True,
+            # delta-rs and Polars sign S3 requests for this region (boto3 alone would find it anyway).
+            environment={"AWS_REGION": Aws.REGION},
         )
         self.container.add_mount_points(
             ecs.MountPoint(container_path="/tmp", source_volume="tmp", read_only=False)
