@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -108,12 +107,6 @@ class LakehouseConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-
-    def with_values(self, **changes: Any) -> LakehouseConfig:
-        """A checked copy with some fields changed."""
-        config = dataclasses.replace(self, **changes)
-        config.check()
-        return config
 
 
 def _parse(name: str, kind: Any, value: Any) -> Any:

@@ -8,6 +8,7 @@ from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from lakehouse_infra.catalog import DATABASE, WORKGROUP, LakehouseCatalog
@@ -128,7 +129,6 @@ class LakehouseStack(Stack):
             )
         )
 
-        # The step runner reads raw/ and manifests/, and writes the tables, rejected rows and reports.
         role = pipeline.role
         if fargate is not None:
             self._grant_step(bucket, fargate.task_role)
@@ -238,7 +238,8 @@ class LakehouseStack(Stack):
         return key
 
     @staticmethod
-    def _grant_step(bucket: Any, role: iam.IRole) -> None:
+    def _grant_step(bucket: s3.IBucket, role: iam.IRole) -> None:
+        """A step reads raw/ and manifests/ and writes the tables, rejected rows and reports."""
         bucket.grant_read(role, "raw/*")
         bucket.grant_read(role, "manifests/*")
         for prefix in ("lakehouse-dwh/*", "rejected/*", "reports/*"):
