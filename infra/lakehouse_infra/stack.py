@@ -193,7 +193,11 @@ class LakehouseStack(Stack):
         CfnOutput(self, "AthenaWorkGroup", value=WORKGROUP)
 
     def _key(self) -> kms.Key:
-        """The stack's customer-managed key: bucket, topic, Athena results, Glue and state-machine logs."""
+        """The stack's customer-managed key: bucket, topic, Athena results, Glue and state-machine logs.
+
+        CDK's default key policy gives the account's root kms:* on the key: AWS's default key policy,
+        which hands access control to IAM policies (the grants below).
+        """
         key = kms.Key(
             self,
             "Key",

@@ -192,17 +192,17 @@ def test_log_groups_have_retention_and_the_stacks_key(template: Template) -> Non
 
 
 def test_the_trigger_and_finish_know_the_root_and_the_state_machine(template: Template) -> None:
-    functions = resources(template, "AWS::Lambda::Function")
-    by_handler = {f["Properties"].get("Handler"): f["Properties"] for f in functions.values()}
-    for handler in (
-        "handlers.check_data_availability.lambda_handler",
-        "handlers.finish_batch.lambda_handler",
-    ):
-        variables = by_handler[handler]["Environment"]["Variables"]
-        assert set(variables) >= {"LAKEHOUSE_ROOT", "STATE_MACHINE_ARN"}
-        assert "EcommerceETLPipeline" in json.dumps(variables["STATE_MACHINE_ARN"]) or "Ref" in json.dumps(
-            variables["STATE_MACHINE_ARN"]
-        )
+    machine_id, _ = only(template, "AWS::StepFunctions::StateMachine")
+    bucket_id, _ = data_bucket(template)
+    functions = resources(template, "AWS::Lambda::Function").values()
+    by_handler = {f["Properties"].get("Handler"): f["Properties"] for f in functions}
+    trigger = by_handler["handlers.check_data_availability.lambda_handler"]["Environment"]["Variables"]
+    finish = by_handler["handlers.finish_batch.lambda_handler"]["Environment"]["Variables"]
+    for variables in (trigger, finish):
+        assert variables["LAKEHOUSE_ROOT"] == {"Fn::Join": ["", ["s3://", {"Ref": bucket_id}]]}
+    assert trigger["STATE_MACHINE_ARN"] == {"Ref": machine_id}
+    # FinishBatch is invoked by the state machine, so it names it by ARN instead of a reference (a cycle).
+    assert ":stateMachine:EcommerceETLPipeline" in json.dumps(finish["STATE_MACHINE_ARN"])
 
 
 # --- runners ---------------------------------------------------------------------------------------
