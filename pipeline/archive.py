@@ -19,7 +19,7 @@ def _quiet(_: str) -> None:
 def archive_batch(store: Store, manifest: Manifest, *, progress: Callable[[str], None] = _quiet) -> int:
     """Move exactly the manifest's files from ``raw/`` to ``archived/<table>/<batch_id>/``.
 
-    Copy, check the copy's size, then delete; a file already moved by an earlier attempt is fine.
+    Each file is moved (on S3: copied, checked, deleted); a file moved by an earlier attempt is fine.
     Returns the number of files now archived.
     """
     moved = 0
@@ -40,12 +40,9 @@ def archive_batch(store: Store, manifest: Manifest, *, progress: Callable[[str],
                     "it was not archived, since the batch did not process this content"
                 )
             progress(f"archiving {entry.key}")
-            store.copy(entry.key, target)
-            copied = store.stat(target)
-            if copied is None or copied.size != source.size:
-                raise InputFileError(
-                    f"archiving {store.uri(entry.key)}: the copy at {store.uri(target)} is incomplete"
-                )
-            store.delete(entry.key)
+            store.move(entry.key, target)
+            archived = store.stat(target)
+            if archived is None or archived.size != source.size:
+                raise InputFileError(f"archiving {store.uri(entry.key)}: {store.uri(target)} is incomplete")
             moved += 1
     return moved

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -15,7 +14,7 @@ import polars as pl
 
 from pipeline import delta
 from pipeline.archive import archive_batch
-from pipeline.dedup import ORDER, repeated_values, split_survivors, typed
+from pipeline.dedup import ORDER, split_survivors, typed
 from pipeline.errors import (
     CheckFailedError,
     InputFileError,
@@ -37,10 +36,10 @@ from pipeline.reader import (
     SOURCE_FILE,
     SOURCE_LINE,
     FileLayout,
-    columns_text,
     prefetched,
     read_chunks,
     read_layout,
+    records_at_lines,
 )
 from pipeline.report import (
     BatchReport,
@@ -51,7 +50,7 @@ from pipeline.report import (
 )
 from pipeline.specs import TABLES, TableSpec
 from pipeline.storage import Store
-from pipeline.validate import REASONS, TIMESTAMP, parse_text, validate
+from pipeline.validate import REASONS, TIMESTAMP, split_valid, validate
 
 LAKEHOUSE = "lakehouse-dwh"
 REJECTED = "rejected"
@@ -119,14 +118,14 @@ def _order_of(file_index: int) -> pl.Expr:
 def _original_text(
     late: pl.DataFrame, sources: list[tuple[str, Path, FileLayout]], spec: TableSpec
 ) -> pl.DataFrame:
-    """Rows rejected after parsing (duplicates, orphans) with their original text, read again from source.
+    """Rows rejected after parsing (duplicates, orphans) with their original text, from their files.
 
-    Valid rows are kept only in typed form to save memory; the few that lose later get their text back
-    from the file they came from, through the same reader.
+    Valid rows are kept only in typed form to save memory. The few that lose later get their text
+    back by cutting their records out of the file (``records_at_lines``); the text is checked by
+    parsing it again, which must give the very values the row had. A file where that fails is read
+    again in full through the same reader.
     """
-    late = late.select(
-        ORDER,
-        REASONS,
+    late = late.with_columns(
         (pl.col(ORDER) // (1 << LINE_BITS)).alias("file__"),
         (pl.col(ORDER) % (1 << LINE_BITS)).alias(SOURCE_LINE),
     )
@@ -134,34 +133,33 @@ def _original_text(
     for file_index in late.get_column("file__").unique().sort().to_list():
         source, path, layout = sources[file_index]
         wanted = late.filter(pl.col("file__") == file_index).drop("file__")
-        lines = wanted.get_column(SOURCE_LINE).implode()
-        texts = pl.concat(
-            [
-                chunk.records.filter(pl.col(SOURCE_LINE).is_in(lines))
-                for chunk in read_chunks(path, spec, source, layout)
-            ]
-        )
-        found.append(wanted.join(texts, on=SOURCE_LINE, how="left"))
+        lines = wanted.get_column(SOURCE_LINE)
+        texts = records_at_lines(path, spec, source, layout, lines)
+        if texts is None or not _same_values(texts, wanted, spec, layout):
+            texts = pl.concat(
+                [
+                    chunk.records.filter(pl.col(SOURCE_LINE).is_in(lines.implode()))
+                    for chunk in read_chunks(path, spec, source, layout)
+                ]
+            )
+        found.append(wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left"))
     return _rejected_rows(pl.concat(found), spec)
 
 
-@dataclass
-class _PreScan:
-    """What a fast read of the key and reference columns says about a batch's files."""
-
-    repeated_keys: pl.Series
-    references: dict[str, pl.Series]
-
-
-def _pre_scan(sources: list[tuple[str, Path, FileLayout]], spec: TableSpec) -> _PreScan:
-    """Keys occurring more than once (the only rows dedup can reject) and the referenced values."""
-    names = [spec.primary_key, *(fk.column for fk in spec.foreign_keys)]
-    texts = [columns_text(path, layout, names) for _, path, layout in sources if layout.field_count]
-    frame = pl.concat(texts) if texts else pl.DataFrame(schema={name: pl.String for name in names})
-    parsed = {name: parse_text(frame.get_column(name), spec.column(name)).drop_nulls() for name in names}
-    return _PreScan(
-        repeated_keys=repeated_values(parsed[spec.primary_key]),
-        references={fk.column: parsed[fk.column].unique() for fk in spec.foreign_keys},
+def _same_values(texts: pl.DataFrame, wanted: pl.DataFrame, spec: TableSpec, layout: FileLayout) -> bool:
+    """Whether ``texts`` parse to exactly the typed values of ``wanted`` (same lines, every column)."""
+    if texts.height != wanted.height:
+        return False
+    checked = validate(texts, spec, layout.missing).sort(SOURCE_LINE)
+    expected = wanted.sort(SOURCE_LINE)
+    if not checked.get_column(SOURCE_LINE).equals(expected.get_column(SOURCE_LINE)):
+        return False
+    if checked.get_column(REASONS).list.len().max() not in (0, None):
+        return False
+    return all(
+        checked.get_column(typed(name)).equals(expected.get_column(typed(name)))
+        for name in spec.column_names
+        if name not in layout.missing
     )
 
 
@@ -189,11 +187,7 @@ def run_step(
     started = time.monotonic()
     batch_id = manifest.batch_id
     typed_columns = [typed(name) for name in spec.column_names]
-    text_columns = [*spec.column_names, SOURCE_FILE, SOURCE_LINE, ORDER]
     valid_parts: list[pl.DataFrame] = []
-    # Valid rows are kept in typed form only; the original text is kept for the few that dedup or the
-    # reference check may still reject (a repeated key, an unknown reference).
-    text_parts: list[pl.DataFrame] = []
     rejected_parts: list[pl.DataFrame] = []
     extra_columns: dict[str, list[str]] = {}
     empty_files: list[str] = []
@@ -212,23 +206,6 @@ def run_step(
                 extra_columns[entry.key] = layout.extra
             sources.append((entry.key, path, layout))
 
-        progress(f"{spec.name}: looking for repeated keys and looking up references")
-        scanned = _pre_scan(sources, spec)
-        known = _known_references(store, spec, scanned.references)
-        # Testing membership in the few unknown values, not in the many known ones, keeps this cheap.
-        unknown = {
-            fk.column: scanned.references[fk.column]
-            .alias(fk.column)
-            .to_frame()
-            .filter(~pl.col(fk.column).is_in(known[fk.column].implode()))
-            .to_series()
-            for fk in spec.foreign_keys
-        }
-        at_risk = pl.any_horizontal(
-            pl.col(typed(spec.primary_key)).is_in(scanned.repeated_keys.implode()),
-            *(pl.col(typed(fk.column)).is_in(unknown[fk.column].implode()) for fk in spec.foreign_keys),
-        )
-
         for file_index, (source, path, layout) in enumerate(sources):
             if not layout.field_count:
                 continue
@@ -237,38 +214,29 @@ def run_step(
                 rows_in += chunk.records.height + chunk.malformed.height
                 if chunk.malformed.height:
                     rejected_parts.append(_malformed_rows(chunk.malformed, spec))
-                checked = validate(chunk.records, spec, layout.missing)
-                is_valid = pl.col(REASONS).list.len() == 0
-                rejected_parts.append(_rejected_rows(checked.filter(~is_valid), spec))
-                valid = checked.filter(is_valid).with_columns(_order_of(file_index))
-                text_parts.append(valid.filter(at_risk).select(text_columns))
-                valid_parts.append(valid.select(*typed_columns, ORDER))
+                # Valid rows are kept typed only: the text of the few rejected later is cut out again.
+                valid_rows, invalid_rows = split_valid(
+                    chunk.records, spec, layout.missing, keep=[SOURCE_LINE]
+                )
+                rejected_parts.append(_rejected_rows(invalid_rows, spec))
+                valid_parts.append(valid_rows.select(*typed_columns, _order_of(file_index)))
 
         progress(f"{spec.name}: deduplicating and checking references")
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
         del valid_parts
         if valid.height:
-            # Values the pre-scan did not see (it and the reader disagreed) are looked up now.
-            unseen = {
-                fk.column: valid.select(pl.col(typed(fk.column)).unique())
-                .filter(~pl.col(typed(fk.column)).is_in(scanned.references[fk.column].implode()))
-                .to_series()
+            referenced = {
+                fk.column: valid.select(pl.col(typed(fk.column)).unique()).to_series()
                 for fk in spec.foreign_keys
             }
-            if any(values.len() for values in unseen.values()):
-                extra = _known_references(store, spec, unseen)
-                known = {column: pl.concat([known[column], extra[column]]) for column in known}
+            known = _known_references(store, spec, referenced)
             survivors, late = split_survivors(valid, spec, known)
             del valid
-            late = late.select(ORDER, REASONS)
-            texts = pl.concat(text_parts)
-            with_text = late.join(texts, on=ORDER, how="inner")
-            rejected_parts.append(_rejected_rows(with_text, spec))
-            unmatched = late.join(texts, on=ORDER, how="anti")
-            if unmatched.height:
-                # Only when the fast key pre-scan and the reader disagreed about a record.
-                progress(f"{spec.name}: reading the original text of {unmatched.height:,} rows again")
-                rejected_parts.append(_original_text(unmatched, sources, spec))
+            if late.height:
+                progress(f"{spec.name}: taking the original text of {late.height:,} rows rejected late")
+                rejected_parts.append(
+                    _original_text(late.select(*typed_columns, ORDER, REASONS), sources, spec)
+                )
             rows = survivors.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
             del survivors
         else:

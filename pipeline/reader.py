@@ -8,6 +8,8 @@ text and physical line number; those become ``malformed_row`` rejections, never 
 from __future__ import annotations
 
 import csv
+import io
+import mmap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -187,35 +189,89 @@ def _place_rows(
     return RawChunk(shaped, malformed)
 
 
-def columns_text(path: Path, layout: FileLayout, names: list[str]) -> pl.DataFrame:
-    """The original text of some columns of a file, read fast (Polars, all cores) for a pre-scan.
+def records_at_lines(
+    path: Path, spec: TableSpec, source: str, layout: FileLayout, lines: pl.Series
+) -> pl.DataFrame | None:
+    """The original text of the records that start at physical ``lines`` of ``path``, cut out directly.
 
-    Records are those of ``read_chunks`` as long as both parsers agree; callers use it only to narrow
-    down work and must not depend on it for correctness. Columns the file lacks are null.
+    Finds the lines' byte offsets with one vectorised pass over the file and parses just those
+    records (as ``read_chunks`` shapes them), instead of parsing the whole file again. Returns None
+    when a record does not split into the header's field count: the caller reads the file again.
     """
-    present = sorted((layout.positions[name], name) for name in names if name in layout.positions)
-    empty = pl.DataFrame(schema={name: pl.String for name in names})
-    if not present:
-        return empty
-    try:
-        frame = pl.read_csv(
-            path,
-            has_header=False,
-            skip_rows=layout.header_lines,
-            columns=[position for position, _ in present],
-            infer_schema=False,
-            truncate_ragged_lines=True,
-            raise_if_empty=False,
+    wanted = np.unique(lines.cast(pl.Int64).to_numpy())
+    if not wanted.size:
+        return _empty_records(spec)
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        starts = _line_starts(data, wanted)
+        if (starts < 0).any():
+            return None
+        pieces = []
+        for start in starts.tolist():
+            end = _record_end(data, start)
+            if end is None:
+                return None
+            pieces.append(data[start:end])
+    # One parse of all the cut-out records (each ends with its quotes closed) instead of one per record.
+    rows = list(csv.reader(io.StringIO(b"\n".join(pieces).decode("utf-8"), newline="")))
+    if len(rows) != len(pieces) or any(len(row) != layout.field_count for row in rows):
+        return None
+    fields = list(zip(*rows))
+    columns = {
+        name: (
+            pl.Series(name, fields[layout.positions[name]], pl.String)
+            if name in layout.positions
+            else pl.Series(name, [None] * len(rows), pl.String)
         )
-    except pl.exceptions.PolarsError:
-        # A file with no data rows, or text Polars cannot split: the caller's fallback covers it.
-        return empty
-    if frame.width != len(present):
-        return empty
-    frame.columns = [name for _, name in present]
-    return frame.select(
-        pl.col(name) if name in frame.columns else pl.lit(None, pl.String).alias(name) for name in names
+        for name in spec.column_names
+    }
+    return pl.DataFrame(
+        [
+            *columns.values(),
+            pl.Series(SOURCE_FILE, [source] * len(rows), pl.String),
+            pl.Series(SOURCE_LINE, wanted, pl.Int64),
+        ]
     )
+
+
+_SCAN_BLOCK = 64 << 20
+
+
+def _line_starts(data: mmap.mmap, lines: np.ndarray) -> np.ndarray:
+    """Byte offsets where the sorted physical ``lines`` (1-based) start; -1 past the end of the file."""
+    # Line L starts right after the (L-1)-th newline.
+    targets = lines - 1
+    starts = np.full(targets.size, -1, dtype=np.int64)
+    starts[targets == 0] = 0
+    seen = 0
+    done = int(np.searchsorted(targets, 0, side="right"))
+    for block_start in range(0, len(data), _SCAN_BLOCK):
+        if done == targets.size:
+            break
+        block = np.frombuffer(
+            data, dtype=np.uint8, count=min(_SCAN_BLOCK, len(data) - block_start), offset=block_start
+        )
+        newlines = np.flatnonzero(block == 10)
+        upto = int(np.searchsorted(targets, seen + newlines.size, side="right"))
+        here = targets[done:upto]
+        starts[done:upto] = block_start + newlines[here - seen - 1] + 1
+        done, seen = upto, seen + newlines.size
+        # The views into the map must be gone before it can be closed.
+        del block, newlines
+    return starts
+
+
+def _record_end(data: mmap.mmap, start: int) -> int | None:
+    """The end (exclusive, before its line break) of the record at ``start``: quotes balance there."""
+    end, quotes = start, 0
+    while True:
+        newline = data.find(b"\n", end)
+        stop = len(data) if newline < 0 else newline
+        quotes += data[end:stop].count(b'"')
+        if quotes % 2 == 0:
+            return stop - 1 if stop > start and data[stop - 1 : stop] == b"\r" else stop
+        if newline < 0:
+            return None
+        end = newline + 1
 
 
 def prefetched(chunks: Iterator[RawChunk], depth: int = 2) -> Iterator[RawChunk]:

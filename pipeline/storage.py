@@ -7,6 +7,7 @@ Keys are always relative to the root and use ``/``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -54,8 +55,8 @@ class Store(Protocol):
     def upload(self, path: Path, key: str) -> None:
         """Store the local file ``path`` as ``key``."""
 
-    def copy(self, src: str, dst: str) -> None:
-        """Copy ``src`` to ``dst`` (any size)."""
+    def move(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst`` (any size): ``dst`` is complete before ``src`` is gone."""
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
@@ -144,12 +145,19 @@ class LocalStore:
         if path.resolve() != target:
             shutil.copyfile(path, target)
 
-    def copy(self, src: str, dst: str) -> None:
+    def move(self, src: str, dst: str) -> None:
         target = self._file(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{target.name}")
-        shutil.copyfile(self._file(src), tmp)
-        os.replace(tmp, target)
+        try:
+            # A rename within one filesystem: atomic, and no byte is copied.
+            os.replace(self._file(src), target)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            tmp = target.with_name(f".tmp-{target.name}")
+            shutil.copyfile(self._file(src), tmp)
+            os.replace(tmp, target)
+            self.delete(src)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -247,8 +255,12 @@ class S3Store:
             "upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=self._key(key)
         )
 
-    def copy(self, src: str, dst: str) -> None:
-        # The managed copy switches to multipart for objects over 5 GB, where CopyObject cannot go.
+    def move(self, src: str, dst: str) -> None:
+        # S3 has no rename: copy, check the copy, then delete. The managed copy switches to multipart
+        # for objects over 5 GB, where CopyObject cannot go.
+        source = self.stat(src)
+        if source is None:
+            raise StorageError(f"cannot move {self.uri(src)}: it does not exist")
         self._call(
             "copy",
             src,
@@ -257,6 +269,10 @@ class S3Store:
             Bucket=self.bucket,
             Key=self._key(dst),
         )
+        copied = self.stat(dst)
+        if copied is None or copied.size != source.size:
+            raise StorageError(f"moving {self.uri(src)}: the copy at {self.uri(dst)} is incomplete")
+        self.delete(src)
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

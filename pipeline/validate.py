@@ -66,6 +66,18 @@ def _parsed(column: Column, value: pl.Expr) -> pl.Expr:
     return value
 
 
+def _parsed_as_written(column: Column, value: pl.Expr) -> pl.Expr:
+    """``_parsed`` for the fast path: timestamps only in their common form (``T``, no zone suffix).
+
+    Any other accepted form gives null here, so its row takes the full rules; a value that parses here
+    parses to the same instant there.
+    """
+    if column.type != "timestamp":
+        return _parsed(column, value)
+    parsed = value.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us", time_zone="UTC")
+    return pl.when(value.str.contains(_TIMESTAMP)).then(parsed).otherwise(None)
+
+
 def _out_of_range(column: Column, typed: pl.Expr) -> pl.Expr | None:
     checks = []
     if column.greater_than is not None:
@@ -86,14 +98,6 @@ def _reason_list(pairs: Iterable[tuple[pl.Expr, str]]) -> pl.Expr:
     return pl.concat_list(flagged).list.drop_nulls()
 
 
-def parse_text(text: pl.Series, column: Column) -> pl.Series:
-    """The typed values of ``text`` as written (untrimmed; null where it does not parse).
-
-    For pre-scans that only narrow work down: a value with surrounding blanks parses as null here.
-    """
-    return pl.DataFrame({column.name: text}).select(_parsed(column, pl.col(column.name))).to_series()
-
-
 def _date_rule(spec: TableSpec, typed_names: dict[str, str]) -> list[tuple[pl.Expr, str]]:
     if spec.date_of is None:
         return []
@@ -108,18 +112,47 @@ def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()
     Returns ``records`` with ``typed__<column>`` columns holding the parsed values and a
     ``reject_reasons`` list (empty for a valid row). ``missing`` names the columns the source file
     lacks: those rows get ``missing_column:<col>`` and the other columns are still checked.
+    """
+    valid, rejected = split_valid(records, spec, missing, keep=records.columns, typed_rejected=True)
+    order = [*records.columns, *(f"typed__{column.name}" for column in spec.columns)]
+    checked = pl.concat([valid.select(*order, pl.lit([], pl.List(pl.String)).alias(REASONS)), rejected])
+    if checked.height != records.height:
+        raise AssertionError(
+            f"validation of {spec.name} lost rows: {records.height} in, {checked.height} out"
+        )
+    return checked
+
+
+def split_valid(
+    records: pl.DataFrame,
+    spec: TableSpec,
+    missing: Iterable[str] = (),
+    *,
+    keep: Iterable[str] | None = None,
+    typed_rejected: bool = False,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Validate ``records`` into valid rows (typed) and rejected rows (original text and reasons).
+
+    Valid rows hold the ``typed__<column>`` columns and the ``keep`` columns of ``records`` (by
+    default those that are not table columns, e.g. the source line); rejected rows hold every column of
+    ``records`` plus ``reject_reasons`` (and the typed columns with ``typed_rejected``).
 
     Most rows are clean, so values are first parsed as written, without trimming (a copy of every
     string). A row passes that way only if the full rules would give it the same values and no
-    reason; every other row goes through the full rules.
+    reason; every other row goes through the full rules. Each output is cut from the parsed frame
+    once, taking only the columns it needs.
     """
+    kept = [c for c in records.columns if c not in spec.column_names] if keep is None else list(keep)
+    typed_columns = [f"typed__{column.name}" for column in spec.columns]
     if missing:
-        return _validate_fully(records, spec, set(missing))
+        return _split(
+            _validate_fully(records, spec, set(missing)), records, typed_columns, kept, typed_rejected
+        )
     typed_names = {column.name: f"typed__{column.name}" for column in spec.columns}
     parsed = records.with_columns(
-        _parsed(column, _cleaned(column.name) if column.type == "string" else pl.col(column.name)).alias(
-            typed_names[column.name]
-        )
+        _parsed_as_written(
+            column, _cleaned(column.name) if column.type == "string" else pl.col(column.name)
+        ).alias(typed_names[column.name])
         for column in spec.columns
     )
     passes = []
@@ -135,20 +168,34 @@ def validate(records: pl.DataFrame, spec: TableSpec, missing: Iterable[str] = ()
             passes.append(~out_of_range)
     passes += [~condition for condition, _ in _date_rule(spec, typed_names)]
     # A null verdict (a null text) must not drop the row from both sides: it takes the full rules.
-    flagged = parsed.with_columns(pl.all_horizontal(passes).fill_null(False).alias("passes__"))
-    clean = flagged.filter(pl.col("passes__")).drop("passes__")
-    rest = flagged.filter(~pl.col("passes__")).select(records.columns)
-    checked = pl.concat(
+    flagged = parsed.with_columns(pl.all_horizontal(passes).fill_null(False).alias("passes__")).lazy()
+    clean, rest = pl.collect_all(
         [
-            clean.with_columns(pl.lit([], pl.List(pl.String)).alias(REASONS)),
-            _validate_fully(rest, spec, set()),
+            flagged.filter(pl.col("passes__")).select(*typed_columns, *kept),
+            flagged.filter(~pl.col("passes__")).select(records.columns),
         ]
     )
-    if checked.height != records.height:
-        raise AssertionError(
-            f"validation of {spec.name} lost rows: {records.height} in, {checked.height} out"
-        )
-    return checked
+    valid, rejected = _split(_validate_fully(rest, spec, set()), records, typed_columns, kept, typed_rejected)
+    return pl.concat([clean, valid]), rejected
+
+
+def _split(
+    checked: pl.DataFrame,
+    records: pl.DataFrame,
+    typed_columns: list[str],
+    kept: list[str],
+    typed_rejected: bool,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    is_valid = pl.col(REASONS).list.len() == 0
+    rejected_columns = [*records.columns, *(typed_columns if typed_rejected else []), REASONS]
+    frame = checked.lazy()
+    valid, rejected = pl.collect_all(
+        [
+            frame.filter(is_valid).select(*typed_columns, *kept),
+            frame.filter(~is_valid).select(rejected_columns),
+        ]
+    )
+    return valid, rejected
 
 
 def _validate_fully(records: pl.DataFrame, spec: TableSpec, missing: set[str]) -> pl.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -223,20 +224,19 @@ def test_archive_failure_leaves_the_rest_in_raw_and_a_rerun_finishes(
     generate(store, scale=0.001, seed=12)
     files = raw_files(root)
     calls = {"n": 0}
-    real_delete = type(store).delete
+    real_move = type(store).move
 
-    def flaky_delete(self: Store, key: str) -> None:
+    def flaky_move(self: Store, src: str, dst: str) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("network down")
-        return real_delete(self, key)
+        return real_move(self, src, dst)
 
-    monkeypatch.setattr(type(store), "delete", flaky_delete)
+    monkeypatch.setattr(type(store), "move", flaky_move)
     with pytest.raises(StepError, match="step archive failed"):
         run_batch(store)
     assert len(raw_files(root)) == len(files) - 1
-    monkeypatch.setattr(type(store), "delete", real_delete)
-    store.delete(LOCK_KEY)  # the patched delete could not release it
+    monkeypatch.setattr(type(store), "move", real_move)
     report = run_batch(store)
     assert report.archived_files == len(files)
     assert raw_files(root) == []
@@ -328,31 +328,41 @@ def test_original_public_sample_loads_whole(root: Path) -> None:
     assert report.table_counts == {"products": 1000, "orders": 7500, "order_items": 40803}
 
 
-def test_late_rejects_keep_their_text_without_reading_files_again(
+def test_late_rejects_get_their_text_without_reading_files_again(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = open_store(str(root))
     generate(store, scale=0.001, seed=9)
+    reads: Counter[str] = Counter()
+    real_read_chunks = batch_module.read_chunks
 
-    def no_second_read(*args: object, **kwargs: object) -> pl.DataFrame:
-        raise AssertionError("the files were read a second time")
+    def counted(path: Path, spec: TableSpec, source: str, *args: Any, **kwargs: Any) -> Any:
+        reads[source] += 1
+        return real_read_chunks(path, spec, source, *args, **kwargs)
 
-    monkeypatch.setattr(batch_module, "_original_text", no_second_read)
+    monkeypatch.setattr(batch_module, "read_chunks", counted)
     report = run_batch(store)
     late = {"duplicate_row", "duplicate_key", "unknown_order_id", "unknown_product_id"}
     assert any(reason in late for step in report.steps for reason in step.rejected_by_reason)
+    assert reads and set(reads.values()) == {1}
+    rejected = pl.read_delta(rejected_uri(store, "order_items")).filter(
+        pl.col("reject_reasons").list.contains("unknown_order_id")
+    )
+    assert rejected.height and rejected.get_column("id").null_count() == 0
 
 
-def test_late_rejects_fall_back_to_reading_again_when_the_key_scan_misses(
+def test_late_rejects_fall_back_to_reading_again_when_the_cut_out_text_differs(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     small_batch(root)
 
-    def blind_scan(sources: object, spec: TableSpec) -> batch_module._PreScan:
-        empty = pl.Series([], dtype=pl.Int32)
-        return batch_module._PreScan(empty, {fk.column: empty for fk in spec.foreign_keys})
+    def wrong_text(path: Path, spec: TableSpec, source: str, layout: Any, lines: pl.Series) -> pl.DataFrame:
+        shaped = real(path, spec, source, layout, lines)
+        assert shaped is not None
+        return shaped.with_columns(pl.lit("7").alias(spec.primary_key))
 
-    monkeypatch.setattr(batch_module, "_pre_scan", blind_scan)
+    real = batch_module.records_at_lines
+    monkeypatch.setattr(batch_module, "records_at_lines", wrong_text)
     report = run_batch(open_store(str(root)))
     assert {s.table: s.rejected_by_reason for s in report.steps}["order_items"] == {
         "malformed_row": 1,

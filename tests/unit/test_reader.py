@@ -6,9 +6,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from pipeline.errors import InputFileError
-from pipeline.reader import RAW_RECORD, SOURCE_LINE, FileLayout, read_chunks, read_layout
+from pipeline.reader import RAW_RECORD, SOURCE_LINE, FileLayout, read_chunks, read_layout, records_at_lines
 from pipeline.specs import ORDERS, PRODUCTS, TableSpec
 
 
@@ -130,3 +131,47 @@ def test_non_utf8_file_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(InputFileError, match=r"orders\.csv"):
         read(path, ORDERS)
+
+
+def cut_out(path: Path, lines: list[int], spec: TableSpec = PRODUCTS) -> pl.DataFrame | None:
+    layout = read_layout(path, spec, path.name)
+    assert layout is not None
+    return records_at_lines(path, spec, path.name, layout, pl.Series(lines, dtype=pl.Int64))
+
+
+def test_records_cut_out_by_line_equal_what_the_reader_gives(tmp_path: Path) -> None:
+    content = (
+        "\ufeffdepartment, product_id ,product_name,department_id,extra\r\n"
+        'Books,1,"two\r\nlines",2,x\r\n'
+        "Toys,2\r\n"
+        ' Toys ,3,"say ""hi"", then\nleave",4,\r\n'
+        '"",4,,5,y\r\n'
+        "Home,5,Lamp,6,z"
+    ).encode()
+    path = write(tmp_path, content)
+    _, records, _ = read(path)
+    lines = records.get_column(SOURCE_LINE).to_list()
+    assert lines == [2, 5, 7, 8]
+    cut = cut_out(path, list(reversed(lines)))
+    assert cut is not None
+    assert_frame_equal(cut, records)
+
+
+def test_a_record_that_does_not_split_into_the_header_fields_is_not_cut_out(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,department_id,department,product_name\n1,2,Books,A\n2,3\n")
+    assert cut_out(path, [3]) is None
+    assert cut_out(path, [9]) is None or pytest.fail("a line past the end must not be cut out")
+
+
+def test_line_offsets_hold_across_scan_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.reader as reader_module
+
+    monkeypatch.setattr(reader_module, "_SCAN_BLOCK", 64)
+    lines = ["product_id,department_id,department,product_name"]
+    lines += [f"{i},1,Books,Product {i}" for i in range(1, 500)]
+    path = write(tmp_path, ("\n".join(lines) + "\n").encode())
+    wanted = [2, 3, 99, 100, 101, 250, 500]
+    cut = cut_out(path, wanted)
+    assert cut is not None
+    assert cut.get_column("product_name").to_list() == [f"Product {line - 1}" for line in wanted]
+    assert cut.get_column(SOURCE_LINE).to_list() == wanted
