@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from functools import partial
@@ -129,8 +130,8 @@ def _original_text(
         (pl.col(ORDER) // (1 << LINE_BITS)).alias("file__"),
         (pl.col(ORDER) % (1 << LINE_BITS)).alias(SOURCE_LINE),
     )
-    found = []
-    for file_index in late.get_column("file__").unique().sort().to_list():
+
+    def text_of_file(file_index: int) -> pl.DataFrame:
         source, path, layout = sources[file_index]
         wanted = late.filter(pl.col("file__") == file_index).drop("file__")
         lines = wanted.get_column(SOURCE_LINE)
@@ -142,7 +143,11 @@ def _original_text(
                     for chunk in read_chunks(path, spec, source, layout)
                 ]
             )
-        found.append(wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left"))
+        return wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left")
+
+    # Two files at a time: the byte scans release the GIL.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        found = list(pool.map(text_of_file, late.get_column("file__").unique().sort().to_list()))
     return _rejected_rows(pl.concat(found), spec)
 
 

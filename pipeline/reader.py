@@ -126,7 +126,8 @@ def read_chunks(
             ),
         )
         for batch in reader:
-            chunk = _place_rows(pl.from_arrow(batch), cursor, spec, layout, source)  # type: ignore[arg-type]
+            spans_lines = _has_newline(batch)
+            chunk = _place_rows(pl.from_arrow(batch), cursor, spec, layout, source, spans_lines)  # type: ignore[arg-type]
             if chunk is not None:
                 yield chunk
         tail = _place_rows(pl.DataFrame(), cursor, spec, layout, source)
@@ -136,10 +137,28 @@ def read_chunks(
         raise InputFileError(f"{source} cannot be parsed as CSV: {_first_line(error)}") from error
 
 
+def _has_newline(batch: pa.RecordBatch) -> bool:
+    """Whether any value of the block may hold a line break (one scan of its string bytes)."""
+    for column in batch.columns:
+        buffers = column.buffers()
+        data = buffers[2] if len(buffers) > 2 else None
+        if data is not None and data.size and bool((np.frombuffer(data, dtype=np.uint8) == 10).any()):
+            return True
+    return False
+
+
 def _place_rows(
-    fields: pl.DataFrame, cursor: _Cursor, spec: TableSpec, layout: FileLayout, source: str
+    fields: pl.DataFrame,
+    cursor: _Cursor,
+    spec: TableSpec,
+    layout: FileLayout,
+    source: str,
+    spans_lines: bool = True,
 ) -> RawChunk | None:
-    """Give one block's well-formed records and the malformed ones among them their physical lines."""
+    """Give one block's well-formed records and the malformed ones among them their physical lines.
+
+    ``spans_lines=False`` says no value holds a line break, so every well-formed record is one line.
+    """
     n = fields.height
     order = np.argsort(np.array(cursor.pending_records, dtype=np.int64), kind="stable")
     records = np.array(cursor.pending_records, dtype=np.int64)[order]
@@ -155,7 +174,7 @@ def _place_rows(
         return None
 
     spans = np.ones(n, dtype=np.int64)
-    if n and fields.width:
+    if n and fields.width and spans_lines:
         newlines = fields.select(pl.sum_horizontal(pl.all().str.count_matches("\n", literal=True)))
         spans += newlines.to_series().to_numpy().astype(np.int64)
     before = np.concatenate(([0], np.cumsum(spans)))  # valid lines before valid record i
@@ -202,15 +221,17 @@ def records_at_lines(
     if not wanted.size:
         return _empty_records(spec)
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        starts = _line_starts(data, wanted)
-        if (starts < 0).any():
+        cut = _cut_lines(data, wanted)
+        if cut is None:
             return None
-        pieces = []
-        for start in starts.tolist():
-            end = _record_end(data, start)
-            if end is None:
-                return None
-            pieces.append(data[start:end])
+        starts, pieces = cut
+        for index, piece in enumerate(pieces):
+            # A quote left open: the record goes on over the next lines.
+            if piece.count(b'"') % 2:
+                end = _record_end(data, int(starts[index]))
+                if end is None:
+                    return None
+                pieces[index] = data[int(starts[index]) : end]
     # One parse of all the cut-out records (each ends with its quotes closed) instead of one per record.
     rows = list(csv.reader(io.StringIO(b"\n".join(pieces).decode("utf-8"), newline="")))
     if len(rows) != len(pieces) or any(len(row) != layout.field_count for row in rows):
@@ -236,39 +257,55 @@ def records_at_lines(
 _SCAN_BLOCK = 64 << 20
 
 
-def _line_starts(data: mmap.mmap, lines: np.ndarray) -> np.ndarray:
-    """Byte offsets where the sorted physical ``lines`` (1-based) start; -1 past the end of the file."""
-    # Line L starts right after the (L-1)-th newline.
+def _cut_lines(data: mmap.mmap, lines: np.ndarray) -> tuple[np.ndarray, list[bytes]] | None:
+    """The start offsets and bytes (up to the line break) of the sorted physical ``lines`` (1-based).
+
+    None when a line is past the end of the file. One vectorised pass finds the line breaks; each
+    block's pages are released once its lines are cut, so the scan does not hold the file in memory.
+    """
+    # Line L starts right after the (L-1)-th line break and ends at the L-th.
     targets = lines - 1
     starts = np.full(targets.size, -1, dtype=np.int64)
+    ends = np.full(targets.size, len(data), dtype=np.int64)
     starts[targets == 0] = 0
+    pieces: list[bytes] = []
     seen = 0
-    done = int(np.searchsorted(targets, 0, side="right"))
+    started = int(np.searchsorted(targets, 0, side="right"))
     for block_start in range(0, len(data), _SCAN_BLOCK):
-        if done == targets.size:
+        if len(pieces) == targets.size:
             break
-        block = np.frombuffer(
-            data, dtype=np.uint8, count=min(_SCAN_BLOCK, len(data) - block_start), offset=block_start
-        )
-        newlines = np.flatnonzero(block == 10)
-        upto = int(np.searchsorted(targets, seen + newlines.size, side="right"))
-        here = targets[done:upto]
-        starts[done:upto] = block_start + newlines[here - seen - 1] + 1
-        done, seen = upto, seen + newlines.size
-        # The views into the map must be gone before it can be closed.
-        del block, newlines
-    return starts
+        count = min(_SCAN_BLOCK, len(data) - block_start)
+        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8, count=count, offset=block_start) == 10)
+        total = seen + newlines.size
+        upto = int(np.searchsorted(targets, total, side="right"))
+        starts[started:upto] = block_start + newlines[targets[started:upto] - seen - 1] + 1
+        ended = int(np.searchsorted(targets, total - 1, side="right"))
+        done = len(pieces)
+        ends[done:ended] = block_start + newlines[targets[done:ended] - seen]
+        pieces.extend(data[s:e] for s, e in zip(starts[done:ended].tolist(), ends[done:ended].tolist()))
+        started, seen = upto, total
+        # The view into the map must be gone before the map can be closed.
+        del newlines
+        if hasattr(mmap, "MADV_DONTNEED"):
+            aligned = block_start - block_start % mmap.PAGESIZE
+            data.madvise(mmap.MADV_DONTNEED, aligned, count + block_start - aligned)
+    if (starts < 0).any():
+        return None
+    # Lines after the last line break (a file that does not end with one).
+    done = len(pieces)
+    pieces.extend(data[s : len(data)] for s in starts[done:].tolist())
+    return starts, pieces
 
 
 def _record_end(data: mmap.mmap, start: int) -> int | None:
-    """The end (exclusive, before its line break) of the record at ``start``: quotes balance there."""
+    """The end (exclusive, at its line break) of the record at ``start``: where its quotes balance."""
     end, quotes = start, 0
     while True:
         newline = data.find(b"\n", end)
         stop = len(data) if newline < 0 else newline
         quotes += data[end:stop].count(b'"')
         if quotes % 2 == 0:
-            return stop - 1 if stop > start and data[stop - 1 : stop] == b"\r" else stop
+            return stop
         if newline < 0:
             return None
         end = newline + 1
