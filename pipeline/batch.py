@@ -15,7 +15,7 @@ import polars as pl
 
 from pipeline import delta
 from pipeline.archive import archive_batch
-from pipeline.dedup import ORDER, split_survivors, typed
+from pipeline.dedup import ORDER, survivor_mask, typed
 from pipeline.errors import (
     CheckFailedError,
     InputFileError,
@@ -235,25 +235,26 @@ def run_step(
                 for fk in spec.foreign_keys
             }
             known = _known_references(store, spec, referenced)
-            survivors, late = split_survivors(valid, spec, known)
-            del valid
+            keep, late = survivor_mask(valid, spec, known)
             if late.height:
                 progress(f"{spec.name}: taking the original text of {late.height:,} rows rejected late")
                 rejected_parts.append(
                     _original_text(late.select(*typed_columns, ORDER, REASONS), sources, spec)
                 )
-            rows = survivors.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
-            del survivors
+            # The survivors are not copied out: the merge filters them slice by slice with ``keep``.
+            rows = valid.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
+            del valid
         else:
-            rows = pl.DataFrame()
+            rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
 
     rejected_at = now or datetime.now(timezone.utc)
     kept_parts = [part for part in rejected_parts if part.height]
     rejected = pl.concat(kept_parts) if kept_parts else None
     rejected_rows = 0 if rejected is None else rejected.height
-    if rows.height + rejected_rows != rows_in:
+    kept = int(keep.sum())
+    if kept + rejected_rows != rows_in:
         raise LakehouseError(
-            f"{spec.name}: {rows_in} rows read but {rows.height} kept and {rejected_rows} rejected; "
+            f"{spec.name}: {rows_in} rows read but {kept} kept and {rejected_rows} rejected; "
             "refusing to write"
         )
 
@@ -272,8 +273,8 @@ def run_step(
             batch_id=batch_id,
         )
 
-    progress(f"{spec.name}: merging {rows.height:,} rows")
-    merged = delta.merge_rows(table_uri(store, spec.name), rows, spec) if rows.height else None
+    progress(f"{spec.name}: merging {kept:,} rows")
+    merged = delta.merge_rows(table_uri(store, spec.name), rows, spec, keep=keep) if kept else None
     inserted = merged.inserted if merged else 0
     updated = merged.updated if merged else 0
     return StepReport(
@@ -282,7 +283,7 @@ def run_step(
         rows_in=rows_in,
         inserted=inserted,
         updated=updated,
-        unchanged=rows.height - inserted - updated,
+        unchanged=kept - inserted - updated,
         rejected=rejected_rows,
         rejected_by_reason=dict(sorted(reasons.items())),
         delta_version=merged.version if merged else delta.table_version(table_uri(store, spec.name)),

@@ -48,14 +48,14 @@ def duplicate_losers(valid: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
     )
 
 
-def split_survivors(
+def survivor_mask(
     valid: pl.DataFrame, spec: TableSpec, known: dict[str, pl.Series] | None
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Split valid rows into the survivors of dedup and the reference check, and the rows rejected.
+) -> tuple[pl.Series, pl.DataFrame]:
+    """Which valid rows survive dedup and the reference check (a boolean per row), and the rejected rows.
 
     Duplicates lose first (see ``duplicate_losers``); then a surviving row whose foreign keys are not
     in ``known`` (column -> values that exist) is rejected with every ``unknown_<column>`` reason that
-    applies. ``known=None`` skips the reference check. The big frame is filtered once.
+    applies. ``known=None`` skips the reference check. The big frame itself is never copied here.
     """
     losers = duplicate_losers(valid, spec)
     survives_dedup = ~pl.col(ORDER).is_in(losers.get_column(ORDER).implode())
@@ -65,21 +65,26 @@ def split_survivors(
         if known is not None
     }
     if not unknown:
-        return valid.filter(survives_dedup) if losers.height else valid, losers
-    flagged = valid.with_columns(expr.alias(reason) for reason, expr in unknown.items())
-    is_orphan = survives_dedup & pl.any_horizontal(list(unknown))
+        return valid.select(survives_dedup.alias("keep")).to_series(), losers
+    flags = valid.select(survives_dedup.alias("dedup__"), *(expr.alias(r) for r, expr in unknown.items()))
+    is_orphan = flags.select(pl.col("dedup__") & pl.any_horizontal(list(unknown))).to_series()
     # Reason lists are built for the few orphans only; building them for every row costs seconds.
-    orphans = (
-        flagged.filter(is_orphan)
-        .with_columns(
-            pl.concat_list(pl.when(pl.col(r)).then(pl.lit(r)).otherwise(None) for r in unknown)
-            .list.drop_nulls()
-            .alias(REASONS)
-        )
-        .drop(list(unknown))
+    reasons = flags.filter(is_orphan).select(
+        pl.concat_list(pl.when(pl.col(r)).then(pl.lit(r)).otherwise(None) for r in unknown)
+        .list.drop_nulls()
+        .alias(REASONS)
     )
-    survivors = flagged.filter(survives_dedup & ~is_orphan).drop(list(unknown))
-    return survivors, pl.concat([losers, orphans])
+    orphans = valid.filter(is_orphan).with_columns(reasons.to_series())
+    keep = flags.select(pl.col("dedup__") & ~is_orphan).to_series().alias("keep")
+    return keep, pl.concat([losers, orphans])
+
+
+def split_survivors(
+    valid: pl.DataFrame, spec: TableSpec, known: dict[str, pl.Series] | None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The surviving rows themselves (a copy) and the rejected rows; see ``survivor_mask``."""
+    keep, rejected = survivor_mask(valid, spec, known)
+    return valid.filter(keep), rejected
 
 
 def _with_reason(frame: pl.DataFrame, reason: str) -> pl.DataFrame:

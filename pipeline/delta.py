@@ -72,13 +72,18 @@ def _stored(frame: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
     )
 
 
-def _arrow_stream(frame: pl.DataFrame, spec: TableSpec) -> pa.RecordBatchReader:
-    """``frame`` in its stored form as a stream of batches, converted slice by slice to bound memory."""
+def _arrow_stream(
+    frame: pl.DataFrame, spec: TableSpec, keep: pl.Series | None = None
+) -> pa.RecordBatchReader:
+    """``frame`` (its ``keep`` rows) in stored form as a stream, converted slice by slice to bound memory."""
     schema = _stored(frame.head(0), spec).to_arrow().schema
 
     def batches() -> Iterator[pa.RecordBatch]:
         for offset in range(0, frame.height, STREAM_ROWS):
-            yield from _stored(frame.slice(offset, STREAM_ROWS), spec).to_arrow().cast(schema).to_batches()
+            part = frame.slice(offset, STREAM_ROWS)
+            if keep is not None:
+                part = part.filter(keep.slice(offset, STREAM_ROWS))
+            yield from _stored(part, spec).to_arrow().cast(schema).to_batches()
 
     return pa.RecordBatchReader.from_batches(schema, batches())
 
@@ -102,37 +107,44 @@ def _retrying_commits(action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def merge_rows(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
+def merge_rows(
+    uri: str, rows: pl.DataFrame, spec: TableSpec, *, keep: pl.Series | None = None
+) -> MergeResult:
     """MERGE rows into a table, retrying on commit conflicts; see ``_merge_rows_once``."""
-    return _retrying_commits(lambda: _merge_rows_once(uri, rows, spec))
+    return _retrying_commits(lambda: _merge_rows_once(uri, rows, spec, keep=keep))
 
 
-def _merge_rows_once(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResult:
+def _merge_rows_once(
+    uri: str, rows: pl.DataFrame, spec: TableSpec, *, keep: pl.Series | None = None
+) -> MergeResult:
     """MERGE ``rows`` (typed, unique on the primary key) into the table at ``uri`` on the primary key.
 
     New keys are inserted. A matched row is replaced only when a column differs and, for specs with
     ``order_by``, when the incoming value is the same or newer: a replay changes nothing and writes no
     commit. The predicate names the partitions involved (the rows' own and those where their keys
-    live now) as literals, so delta-rs reads and rewrites only those partitions.
+    live now) as literals, so delta-rs reads and rewrites only those partitions. With ``keep`` (a
+    boolean per row) only those rows are merged, filtered slice by slice rather than copied whole.
     """
-    if rows.height == 0:
+    count = rows.height if keep is None else int(keep.sum())
+    if count == 0:
         return MergeResult(0, 0, table_version(uri))
     table = open_table(uri)
     try:
         if table is None:
             write_deltalake(
                 uri,
-                _arrow_stream(rows, spec),
+                _arrow_stream(rows, spec, keep),
                 mode="append",
                 partition_by=[spec.partition_by],
                 storage_options=_options(),
                 writer_properties=WriterProperties(max_row_group_size=ROW_GROUP_ROWS),
             )
-            return MergeResult(rows.height, 0, table_version(uri))
+            return MergeResult(count, 0, table_version(uri))
 
         key, part = spec.primary_key, spec.partition_by
-        partitions = set(_stored(rows.select(part).unique(), spec).to_series().to_list())
-        partitions |= set(_partitions_of_keys(table, spec, rows.get_column(key)))
+        kept = rows if keep is None else rows.select(key, part).filter(keep)
+        partitions = set(_stored(kept.select(part).unique(), spec).to_series().to_list())
+        partitions |= set(_partitions_of_keys(table, spec, kept.get_column(key)))
         predicate = f"t.{key} = s.{key} AND {_in_list(part, sorted(partitions))}"
 
         changed = " OR ".join(
@@ -142,7 +154,7 @@ def _merge_rows_once(uri: str, rows: pl.DataFrame, spec: TableSpec) -> MergeResu
         if spec.order_by:
             condition = f"s.{spec.order_by} >= t.{spec.order_by} AND {condition}"
         metrics = (
-            table.merge(_arrow_stream(rows, spec), predicate, source_alias="s", target_alias="t")
+            table.merge(_arrow_stream(rows, spec, keep), predicate, source_alias="s", target_alias="t")
             .when_matched_update_all(predicate=condition)
             .when_not_matched_insert_all()
             .execute()

@@ -193,10 +193,10 @@ def test_failure_part_way_keeps_raw_files_and_a_rerun_resumes(
     files = raw_files(root)
     real_merge = delta.merge_rows
 
-    def failing_merge(uri: str, rows: pl.DataFrame, spec: TableSpec) -> delta.MergeResult:
+    def failing_merge(uri: str, rows: pl.DataFrame, spec: TableSpec, **kwargs: Any) -> delta.MergeResult:
         if spec.name == "order_items":
             raise OSError("disk full")
-        return real_merge(uri, rows, spec)
+        return real_merge(uri, rows, spec, **kwargs)
 
     monkeypatch.setattr(delta, "merge_rows", failing_merge)
     with pytest.raises(StepError, match="step order_items failed: OSError: disk full"):

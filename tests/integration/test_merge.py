@@ -162,3 +162,16 @@ def test_commit_conflicts_that_persist_are_raised_as_retryable(
     with pytest.raises(CommitConflictError) as raised:
         delta.merge_rows(str(tmp_path / "orders"), orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
     assert raised.value.retryable
+
+
+def test_only_the_kept_rows_are_merged(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    rows = orders(
+        (1, "2025-01-01 10:00:00", 5.0), (2, "2025-01-02 10:00:00", 6.0), (3, "2025-01-03 10:00:00", 7.0)
+    )
+    keep = pl.Series([True, False, True])
+    assert delta.merge_rows(uri, rows, ORDERS, keep=keep).inserted == 2
+    assert read(uri).get_column("order_id").to_list() == [1, 3]
+    result = delta.merge_rows(uri, rows, ORDERS, keep=pl.Series([False, True, False]))
+    assert (result.inserted, result.updated) == (1, 0)
+    assert read(uri).get_column("order_id").to_list() == [1, 2, 3]
