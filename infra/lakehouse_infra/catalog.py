@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_cdk import Aws, Duration, RemovalPolicy
+from aws_cdk import Aws, Duration
 from aws_cdk import aws_athena as athena
 from aws_cdk import aws_glue as glue
 from aws_cdk import aws_iam as iam
@@ -12,6 +12,7 @@ from constructs import Construct
 
 from lakehouse_infra.config import LakehouseConfig
 from lakehouse_infra.sources import steps
+from lakehouse_infra.storage import encrypted_bucket
 
 DATABASE = "ecommerce_dwh"
 CRAWLER = "ecommerce-lakehouse-crawler"
@@ -118,19 +119,12 @@ class LakehouseCatalog(Construct):
         )
         self.crawler.add_resource_dependency(self.database)
 
-        self.results_bucket = s3.Bucket(
+        self.results_bucket = encrypted_bucket(
             self,
             "AthenaResults",
-            encryption=s3.BucketEncryption.KMS,
-            encryption_key=key,
-            bucket_key_enabled=True,
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            enforce_ssl=True,
-            minimum_tls_version=1.2,
-            versioned=True,
-            server_access_logs_bucket=log_bucket,
-            server_access_logs_prefix="athena-results/",
+            key=key,
+            log_bucket=log_bucket,
+            log_prefix="athena-results/",
             lifecycle_rules=[
                 s3.LifecycleRule(
                     id="expire-results",
@@ -140,8 +134,7 @@ class LakehouseCatalog(Construct):
                 )
             ],
             # Query results can always be recomputed.
-            removal_policy=RemovalPolicy.DESTROY,
-            auto_delete_objects=True,
+            retain=False,
         )
         self.workgroup = athena.CfnWorkGroup(
             self,

@@ -9,20 +9,18 @@ from aws_cdk import (
     CfnParameter,
     Duration,
     Fn,
-    RemovalPolicy,
     Stack,
     Validations,
 )
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from lakehouse_infra.config import LakehouseConfig
-from lakehouse_infra.functions import retention
+from lakehouse_infra.log_groups import log_group
 from lakehouse_infra.sources import definition_text, placeholders
 from lakehouse_infra.suppressions import ignore_cfn_lint
 
@@ -92,14 +90,9 @@ class EtlStateMachine(Construct):
             assumed_by=iam.ServicePrincipal("states.amazonaws.com"),
             description=f"{STATE_MACHINE}: the actions of its states, nothing else",
         )
-        self.log_group = logs.LogGroup(
-            self,
-            "Logs",
-            # /aws/vendedlogs/ keeps CloudWatch Logs' resource policy from growing per log group.
-            log_group_name=f"/aws/vendedlogs/states/{STATE_MACHINE}",
-            retention=retention(config.log_retention_days),
-            encryption_key=key,
-            removal_policy=RemovalPolicy.DESTROY,
+        # /aws/vendedlogs/ keeps CloudWatch Logs' resource policy from growing per log group.
+        self.log_group = log_group(
+            self, "Logs", key=key, config=config, name=f"/aws/vendedlogs/states/{STATE_MACHINE}"
         )
         # CDK adds X-Ray and log-delivery statements on "*" to the role for tracing and logging:
         # those APIs have no resource-level permissions.

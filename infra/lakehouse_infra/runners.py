@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from aws_cdk import Aws, Duration, RemovalPolicy
+from aws_cdk import Aws, Duration
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_glue as glue
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_deployment as s3deploy
 from constructs import Construct
 
 from lakehouse_infra.config import LakehouseConfig
-from lakehouse_infra.functions import retention
+from lakehouse_infra.log_groups import log_group
 from lakehouse_infra.sources import DOCKERFILE, GLUE_ENTRY, PROJECT_ROOT, glue_artifacts, steps, wheel_name
 
 CONTAINER_NAME = "lakehouse"
@@ -89,13 +88,7 @@ class FargateRunner(Construct):
                 operating_system_family=ecs.OperatingSystemFamily.LINUX,
             ),
         )
-        self.log_group = logs.LogGroup(
-            self,
-            "Logs",
-            retention=retention(config.log_retention_days),
-            encryption_key=key,
-            removal_policy=RemovalPolicy.DESTROY,
-        )
+        self.log_group = log_group(self, "Logs", key=key, config=config)
         # The task's scratch space (S3 downloads): the root filesystem itself stays read-only.
         self.task_definition.add_volume(name="tmp")
         # Pulling the image makes CDK give the execution role ecr:GetAuthorizationToken on "*": the
@@ -147,13 +140,7 @@ class GlueRunner(Construct):
             sources=[s3deploy.Source.asset(str(artifacts))],
             destination_bucket=bucket,
             destination_key_prefix=GLUE_ARTIFACTS_PREFIX,
-            log_group=logs.LogGroup(
-                self,
-                "ArtifactsLogs",
-                retention=retention(config.log_retention_days),
-                encryption_key=key,
-                removal_policy=RemovalPolicy.DESTROY,
-            ),
+            log_group=log_group(self, "ArtifactsLogs", key=key, config=config),
         )
         wheel = f"s3://{bucket.bucket_name}/{GLUE_ARTIFACTS_PREFIX}{wheel_name(artifacts)}"
         self.role = iam.Role(

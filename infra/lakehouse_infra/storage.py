@@ -59,21 +59,13 @@ class LakehouseStorage(Construct):
             ],
             expiration=Duration.days(config.archive_expiry_days) if config.archive_expiry_days else None,
         )
-        self.bucket = s3.Bucket(
+        self.bucket = encrypted_bucket(
             self,
             "Data",
+            key=key,
+            log_bucket=self.log_bucket,
+            log_prefix="data-bucket/",
             bucket_name=config.bucket_name,
-            encryption=s3.BucketEncryption.KMS,
-            encryption_key=key,
-            # One data key per bucket instead of one KMS request per object: Delta writes many objects.
-            bucket_key_enabled=True,
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            enforce_ssl=True,
-            minimum_tls_version=1.2,
-            versioned=True,
-            server_access_logs_bucket=self.log_bucket,
-            server_access_logs_prefix="data-bucket/",
             lifecycle_rules=[
                 archive_rule,
                 s3.LifecycleRule(
@@ -84,8 +76,40 @@ class LakehouseStorage(Construct):
                     expired_object_delete_marker=True,
                 ),
             ],
-            removal_policy=removal,
-            auto_delete_objects=not config.retain_data,
+            retain=config.retain_data,
         )
         self.root = f"s3://{self.bucket.bucket_name}"
         """The lakehouse root every component is given (``LAKEHOUSE_ROOT``, ``--root``)."""
+
+
+def encrypted_bucket(
+    scope: Construct,
+    construct_id: str,
+    *,
+    key: kms.IKey,
+    log_bucket: s3.IBucket,
+    log_prefix: str,
+    lifecycle_rules: list[s3.LifecycleRule],
+    retain: bool,
+    bucket_name: str | None = None,
+) -> s3.Bucket:
+    """A bucket encrypted with ``key``, closed to the public, TLS 1.2+ only, versioned, access-logged."""
+    return s3.Bucket(
+        scope,
+        construct_id,
+        bucket_name=bucket_name,
+        encryption=s3.BucketEncryption.KMS,
+        encryption_key=key,
+        # One data key per bucket instead of one KMS request per object: Delta writes many objects.
+        bucket_key_enabled=True,
+        block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+        object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+        enforce_ssl=True,
+        minimum_tls_version=1.2,
+        versioned=True,
+        server_access_logs_bucket=log_bucket,
+        server_access_logs_prefix=log_prefix,
+        lifecycle_rules=lifecycle_rules,
+        removal_policy=RemovalPolicy.RETAIN if retain else RemovalPolicy.DESTROY,
+        auto_delete_objects=not retain,
+    )
