@@ -211,20 +211,20 @@ def run_step(
                 extra_columns[entry.key] = layout.extra
             sources.append((entry.key, path, layout))
 
-        for file_index, (source, path, layout) in enumerate(sources):
-            if not layout.field_count:
-                continue
-            progress(f"{spec.name}: reading {source}")
-            for chunk in prefetched(read_chunks(path, spec, source, layout)):
-                rows_in += chunk.records.height + chunk.malformed.height
-                if chunk.malformed.height:
-                    rejected_parts.append(_malformed_rows(chunk.malformed, spec))
-                # Valid rows are kept typed only: the text of the few rejected later is cut out again.
-                valid_rows, invalid_rows = split_valid(
-                    chunk.records, spec, layout.missing, keep=[SOURCE_LINE]
-                )
-                rejected_parts.append(_rejected_rows(invalid_rows, spec))
-                valid_parts.append(valid_rows.select(*typed_columns, _order_of(file_index)))
+        readable = [(index, source) for index, source in enumerate(sources) if source[2].field_count]
+        progress(f"{spec.name}: reading {len(readable)} file(s)")
+        streams = [read_chunks(path, spec, name, layout) for _, (name, path, layout) in readable]
+        # Chunks of two files interleave; a row's place in the batch is its _order (file, line).
+        for stream_index, chunk in prefetched(streams):
+            file_index = readable[stream_index][0]
+            rows_in += chunk.records.height + chunk.malformed.height
+            if chunk.malformed.height:
+                rejected_parts.append(_malformed_rows(chunk.malformed, spec))
+            # Valid rows are kept typed only: the text of the few rejected later is cut out again.
+            missing = sources[file_index][2].missing
+            valid_rows, invalid_rows = split_valid(chunk.records, spec, missing, keep=[SOURCE_LINE])
+            rejected_parts.append(_rejected_rows(invalid_rows, spec))
+            valid_parts.append(valid_rows.select(*typed_columns, _order_of(file_index)))
 
         progress(f"{spec.name}: deduplicating and checking references")
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()

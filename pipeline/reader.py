@@ -11,11 +11,11 @@ import csv
 import io
 import mmap
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Full, Queue
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -28,6 +28,7 @@ from pipeline.specs import TableSpec
 SOURCE_FILE = "_source_file"
 SOURCE_LINE = "_source_line"
 RAW_RECORD = "_raw_record"
+T = TypeVar("T")
 
 # Large blocks amortise per-batch work; one block is the unit of memory for the raw text.
 BLOCK_SIZE = 32 << 20
@@ -311,47 +312,67 @@ def _record_end(data: mmap.mmap, start: int) -> int | None:
         end = newline + 1
 
 
-def prefetched(chunks: Iterator[RawChunk], depth: int = 2) -> Iterator[RawChunk]:
-    """Iterate ``chunks`` on a background thread so CSV parsing overlaps the caller's work.
+def prefetched(
+    streams: Sequence[Iterator[T]], *, readers: int = 2, depth: int = 2
+) -> Iterator[tuple[int, T]]:
+    """Iterate ``streams`` on background threads, ``readers`` streams at a time, as (stream index, item).
 
-    pyarrow parses with the GIL released, so this uses the second core while Polars validates.
+    pyarrow parses with the GIL released: the caller's Polars work and the parsing of up to ``readers``
+    files share the cores. Items of different streams interleave; each stream's stay in order.
     """
     done = object()
-    queue: Queue[object] = Queue(maxsize=depth)
+    queue: Queue[object] = Queue(maxsize=depth * readers)
     stop = threading.Event()
+    pending = iter(range(len(streams)))
+    claim = threading.Lock()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
-            for chunk in chunks:
-                while not stop.is_set():
-                    try:
-                        queue.put(chunk, timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
-                    return
-            queue.put(done)
+            while True:
+                with claim:
+                    index = next(pending, None)
+                if index is None:
+                    break
+                for item in streams[index]:
+                    if not put((index, item)):
+                        return
+            put(done)
         except BaseException as error:  # handed to the consumer, which re-raises it
-            queue.put(error)
+            put(error)
 
-    worker = threading.Thread(target=produce, name="csv-reader", daemon=True)
-    worker.start()
+    workers = [
+        threading.Thread(target=produce, name=f"csv-reader-{n}", daemon=True)
+        for n in range(max(1, min(readers, len(streams))))
+    ]
+    for worker in workers:
+        worker.start()
+    finished = 0
     try:
-        while True:
+        while finished < len(workers):
             item = queue.get()
             if item is done:
-                return
+                finished += 1
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item  # type: ignore[misc]
     finally:
         stop.set()
-        while worker.is_alive():
-            try:
-                queue.get_nowait()
-            except Empty:
-                worker.join(timeout=0.1)
+        for worker in workers:
+            while worker.is_alive():
+                try:
+                    queue.get_nowait()
+                except Empty:
+                    worker.join(timeout=0.1)
 
 
 def _empty_records(spec: TableSpec) -> pl.DataFrame:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -9,7 +11,15 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from pipeline.errors import InputFileError
-from pipeline.reader import RAW_RECORD, SOURCE_LINE, FileLayout, read_chunks, read_layout, records_at_lines
+from pipeline.reader import (
+    RAW_RECORD,
+    SOURCE_LINE,
+    FileLayout,
+    prefetched,
+    read_chunks,
+    read_layout,
+    records_at_lines,
+)
 from pipeline.specs import ORDERS, PRODUCTS, TableSpec
 
 
@@ -175,3 +185,27 @@ def test_line_offsets_hold_across_scan_blocks(tmp_path: Path, monkeypatch: pytes
     assert cut is not None
     assert cut.get_column("product_name").to_list() == [f"Product {line - 1}" for line in wanted]
     assert cut.get_column(SOURCE_LINE).to_list() == wanted
+
+
+def test_prefetched_streams_deliver_every_item_each_stream_in_order() -> None:
+    streams = [iter(range(0, 50)), iter(range(100, 130)), iter([]), iter(range(200, 260))]
+    seen: dict[int, list[int]] = {}
+    for index, item in prefetched(streams, readers=2, depth=1):
+        seen.setdefault(index, []).append(item)
+    assert seen == {0: list(range(50)), 1: list(range(100, 130)), 3: list(range(200, 260))}
+
+
+def test_prefetched_hands_a_streams_error_to_the_consumer() -> None:
+    def failing() -> Iterator[int]:
+        yield 1
+        raise InputFileError("b.csv cannot be parsed as CSV")
+
+    with pytest.raises(InputFileError, match=r"b\.csv"):
+        list(prefetched([iter(range(1000)), failing()], readers=2))
+
+
+def test_prefetched_stops_its_readers_when_the_consumer_stops() -> None:
+    streams = [iter(range(10**9)), iter(range(10**9))]
+    for _ in prefetched(streams, readers=2):
+        break
+    assert not [t for t in threading.enumerate() if t.name.startswith("csv-reader")]
