@@ -216,7 +216,8 @@ def records_at_lines(
 
     Finds the lines' byte offsets with one vectorised pass over the file and parses just those
     records (as ``read_chunks`` shapes them), instead of parsing the whole file again. Returns None
-    when a record does not split into the header's field count: the caller reads the file again.
+    when a record does not split into the header's field count or a line is past the end of the file:
+    the caller then reads the file again.
     """
     wanted = np.unique(lines.cast(pl.Int64).to_numpy())
     if not wanted.size:

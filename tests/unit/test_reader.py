@@ -170,7 +170,7 @@ def test_records_cut_out_by_line_equal_what_the_reader_gives(tmp_path: Path) -> 
 def test_a_record_that_does_not_split_into_the_header_fields_is_not_cut_out(tmp_path: Path) -> None:
     path = write(tmp_path, b"product_id,department_id,department,product_name\n1,2,Books,A\n2,3\n")
     assert cut_out(path, [3]) is None
-    assert cut_out(path, [9]) is None or pytest.fail("a line past the end must not be cut out")
+    assert cut_out(path, [9]) is None, "a line past the end must not be cut out"
 
 
 def test_line_offsets_hold_across_scan_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
