@@ -70,6 +70,33 @@ def test_integer_accepts_sign_and_digits(value: str, parsed: int) -> None:
     assert checked.get_column("typed__user_id").to_list() == [parsed]
 
 
+def test_integers_follow_the_reference_rule() -> None:
+    """Every text of a small alphabet parses exactly when Python's rule says so, to the same value."""
+    import itertools
+    import random
+    import re
+
+    alphabet = ["0", "1", "7", "9", "+", "-", " ", ".", "e", "x", "_", "\u0663", "\t"]
+    texts = ["".join(chars) for size in (1, 2, 3) for chars in itertools.product(alphabet, repeat=size)]
+    rng = random.Random(5)
+    texts += [str(rng.randint(-(2**33), 2**33)) for _ in range(2000)]
+    texts += ["2147483647", "2147483648", "-2147483648", "-2147483649", "+0002147483647", "9" * 30]
+
+    def reference(text: str) -> int | None:
+        stripped = text.strip(" \t")
+        if not re.fullmatch(r"[+-]?[0-9]+", stripped, flags=re.ASCII):
+            return None
+        number = int(stripped)
+        return number if -(2**31) <= number <= 2**31 - 1 else None
+
+    rows = [valid_order(user_id=text) for text in texts]
+    checked = validate(text_frame(ORDERS, rows).with_row_index("row"), ORDERS).sort("row")
+    expected = [reference(text) for text in texts]
+    assert checked.get_column("typed__user_id").to_list() == expected
+    flagged = [("invalid:user_id" in reasons) or ("null:user_id" in reasons) for reasons in checked[REASONS]]
+    assert flagged == [value is None for value in expected]
+
+
 @pytest.mark.parametrize("value", ["NaN", "nan", "inf", "-inf", "Infinity", "abc", "1,5", "12.5.1"])
 def test_invalid_double(value: str) -> None:
     assert reasons_of(ORDERS, valid_order(total_amount=value)) == ["invalid:total_amount"]
