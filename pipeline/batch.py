@@ -37,6 +37,7 @@ from pipeline.reader import (
     SOURCE_FILE,
     SOURCE_LINE,
     FileLayout,
+    detached,
     prefetched,
     read_chunks,
     read_layout,
@@ -223,8 +224,9 @@ def run_step(
             # Valid rows are kept typed only: the text of the few rejected later is cut out again.
             missing = sources[file_index][2].missing
             valid_rows, invalid_rows = split_valid(chunk.records, spec, missing, keep=[SOURCE_LINE])
-            rejected_parts.append(_rejected_rows(invalid_rows, spec))
-            valid_parts.append(valid_rows.select(*typed_columns, _order_of(file_index)))
+            # Kept text must not pin the block it was read from (see ``detached``).
+            rejected_parts.append(detached(_rejected_rows(invalid_rows, spec)))
+            valid_parts.append(detached(valid_rows.select(*typed_columns, _order_of(file_index))))
 
         progress(f"{spec.name}: deduplicating and checking references")
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()

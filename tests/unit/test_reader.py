@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -15,6 +15,7 @@ from pipeline.reader import (
     RAW_RECORD,
     SOURCE_LINE,
     FileLayout,
+    detached,
     prefetched,
     read_chunks,
     read_layout,
@@ -185,6 +186,34 @@ def test_line_offsets_hold_across_scan_blocks(tmp_path: Path, monkeypatch: pytes
     assert cut is not None
     assert cut.get_column("product_name").to_list() == [f"Product {line - 1}" for line in wanted]
     assert cut.get_column(SOURCE_LINE).to_list() == wanted
+
+
+def test_detached_rows_do_not_keep_their_block_of_text_alive(tmp_path: Path) -> None:
+    """A row kept from a block holds a copy of its text, not the block's buffers (about 6 MiB here)."""
+    import gc
+
+    import pyarrow as pa
+
+    rows = b"".join(b"%d,1,Dept,%s\n" % (i, b"n" * 40) for i in range(1, 100_001))
+    path = write(tmp_path, b"product_id,department_id,department,product_name\n" + rows)
+    layout = read_layout(path, PRODUCTS, path.name)
+    assert layout is not None
+
+    def kept_bytes(keep: Callable[[pl.DataFrame], pl.DataFrame]) -> int:
+        before = pa.total_allocated_bytes()
+        kept = [keep(chunk.records.head(1)) for chunk in read_chunks(path, PRODUCTS, path.name, layout)]
+        gc.collect()
+        held = pa.total_allocated_bytes() - before
+        assert pl.concat(kept).get_column("product_name").to_list() == ["n" * 40]
+        return held
+
+    assert kept_bytes(lambda frame: frame) > 1 << 20  # what detaching is for: a view pins its block
+    assert kept_bytes(detached) < 64 << 10
+
+
+def test_detached_keeps_values_and_nulls() -> None:
+    frame = pl.DataFrame({"text": ["a" * 30, None, ""], "number": [1, 2, 3]})
+    assert_frame_equal(detached(frame), frame)
 
 
 def test_prefetched_streams_deliver_every_item_each_stream_in_order() -> None:
