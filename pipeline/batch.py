@@ -232,10 +232,12 @@ def run_step(
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
         del valid_parts
         if valid.height:
-            referenced = {
-                fk.column: valid.select(pl.col(typed(fk.column)).unique()).to_series()
-                for fk in spec.foreign_keys
-            }
+            # Lazily and together: Polars then hashes the columns in parallel (measured on the 33 M
+            # order items: 0.5 s instead of 1.1 s for eager uniques one after the other).
+            uniques = pl.collect_all(
+                [valid.lazy().select(pl.col(typed(fk.column)).unique()) for fk in spec.foreign_keys]
+            )
+            referenced = {fk.column: found.to_series() for fk, found in zip(spec.foreign_keys, uniques)}
             known = _known_references(store, spec, referenced)
             keep, late = survivor_mask(valid, spec, known)
             if late.height:
