@@ -51,6 +51,20 @@ def test_first_merge_creates_a_partitioned_table_readers_can_use(tmp_path: Path)
     assert pl.read_delta(uri).schema["order_timestamp"] == pl.Datetime("us", "UTC")
 
 
+def test_dates_held_in_memory_are_stored_as_their_text(tmp_path: Path) -> None:
+    """The pipeline holds ``date`` as a Date; the table stores the same day as text, null as null."""
+    rows = orders(
+        (1, "2024-12-31 10:00:00", 5.0), (2, "2025-03-01 10:00:00", 6.0), (3, "2025-01-15 08:00:00", 1.0)
+    )
+    as_dates = rows.with_columns(pl.col("date").str.to_date())
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, as_dates, ORDERS)
+    assert_frame_equal(read(uri), rows.sort("order_id"))
+    assert {p.name for p in Path(uri).iterdir() if p.is_dir()} >= {"date=2024-12-31", "date=2025-03-01"}
+    with_null = pl.Series("date", [None, *as_dates.get_column("date").to_list()], pl.Date)
+    assert delta._date_text(with_null).to_list() == [None, "2024-12-31", "2025-03-01", "2025-01-15"]
+
+
 def test_new_keys_are_inserted_and_newer_rows_replace(tmp_path: Path) -> None:
     uri = str(tmp_path / "orders")
     delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
