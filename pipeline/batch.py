@@ -240,45 +240,40 @@ def run_step(
             referenced = {fk.column: found.to_series() for fk, found in zip(spec.foreign_keys, uniques)}
             known = _known_references(store, spec, referenced)
             keep, late = survivor_mask(valid, spec, known)
-            if late.height:
-                progress(f"{spec.name}: taking the original text of {late.height:,} rows rejected late")
-                rejected_parts.append(
-                    _original_text(late.select(*typed_columns, ORDER, REASONS), sources, spec)
-                )
             # The survivors are not copied out: the merge filters them slice by slice with ``keep``.
             rows = valid.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
             del valid
         else:
             rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
+            late = pl.DataFrame()
 
-    rejected_at = now or datetime.now(timezone.utc)
-    kept_parts = [part for part in rejected_parts if part.height]
-    rejected = pl.concat(kept_parts) if kept_parts else None
-    rejected_rows = 0 if rejected is None else rejected.height
-    kept = int(keep.sum())
-    if kept + rejected_rows != rows_in:
-        raise LakehouseError(
-            f"{spec.name}: {rows_in} rows read but {kept} kept and {rejected_rows} rejected; "
-            "refusing to write"
-        )
+        kept = int(keep.sum())
+        rejected_rows = sum(part.height for part in rejected_parts) + late.height
+        if kept + rejected_rows != rows_in:
+            raise LakehouseError(
+                f"{spec.name}: {rows_in} rows read but {kept} kept and {rejected_rows} rejected; "
+                "refusing to write"
+            )
 
-    reasons: Counter[str] = Counter()
-    if rejected is None:
-        rejected_version = delta.table_version(rejected_uri(store, spec.name))
-    else:
-        reasons.update(rejected.get_column(REASONS).explode().to_list())
-        progress(f"{spec.name}: writing {rejected.height:,} rejected rows")
-        rejected_version = delta.replace_batch_rows(
-            rejected_uri(store, spec.name),
-            rejected.with_columns(
-                pl.lit(batch_id).alias("batch_id"), pl.lit(rejected_at).cast(TIMESTAMP).alias("rejected_at")
-            ),
-            batch_column="batch_id",
-            batch_id=batch_id,
-        )
-
-    progress(f"{spec.name}: merging {kept:,} rows")
-    merged = delta.merge_rows(table_uri(store, spec.name), rows, spec, keep=keep) if kept else None
+        # The MERGE runs while the late rejects' text is cut out and the rejected rows are written:
+        # delta-rs leaves a core idle most of the time and those steps hold the GIL part of theirs.
+        # The two commits are independent, each safe to repeat, so their order does not matter.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge") as merger:
+            progress(f"{spec.name}: merging {kept:,} rows")
+            merging = (
+                merger.submit(delta.merge_rows, table_uri(store, spec.name), rows, spec, keep=keep)
+                if kept
+                else None
+            )
+            if late.height:
+                progress(f"{spec.name}: taking the original text of {late.height:,} rows rejected late")
+                rejected_parts.append(
+                    _original_text(late.select(*typed_columns, ORDER, REASONS), sources, spec)
+                )
+            rejected_version, reasons = _write_rejected(
+                store, spec, batch_id, rejected_parts, now or datetime.now(timezone.utc), progress
+            )
+            merged = merging.result() if merging else None
     inserted = merged.inserted if merged else 0
     updated = merged.updated if merged else 0
     return StepReport(
@@ -296,6 +291,33 @@ def run_step(
         extra_columns=extra_columns,
         empty_files=empty_files,
     )
+
+
+def _write_rejected(
+    store: Store,
+    spec: TableSpec,
+    batch_id: str,
+    parts: list[pl.DataFrame],
+    rejected_at: datetime,
+    progress: Progress,
+) -> tuple[int | None, Counter[str]]:
+    """Replace this batch's rows of ``rejected/<table>`` with ``parts``: the table version and reasons."""
+    reasons: Counter[str] = Counter()
+    kept_parts = [part for part in parts if part.height]
+    if not kept_parts:
+        return delta.table_version(rejected_uri(store, spec.name)), reasons
+    rejected = pl.concat(kept_parts)
+    reasons.update(rejected.get_column(REASONS).explode().to_list())
+    progress(f"{spec.name}: writing {rejected.height:,} rejected rows")
+    version = delta.replace_batch_rows(
+        rejected_uri(store, spec.name),
+        rejected.with_columns(
+            pl.lit(batch_id).alias("batch_id"), pl.lit(rejected_at).cast(TIMESTAMP).alias("rejected_at")
+        ),
+        batch_column="batch_id",
+        batch_id=batch_id,
+    )
+    return version, reasons
 
 
 def check_tables(store: Store) -> dict[str, int]:
