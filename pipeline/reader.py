@@ -283,7 +283,7 @@ def records_at_lines(
         table = pacsv.read_csv(
             pa.BufferReader(text), **_csv_options(layout, skip_rows=0, block_size=len(text) + 1)
         )
-    except (pa.ArrowInvalid, UnicodeDecodeError):  # a record with more or fewer fields
+    except pa.ArrowInvalid:  # a record with more or fewer fields than the header
         return None
     if table.num_rows != len(pieces):
         return None
