@@ -188,7 +188,7 @@ def _merge_rows_once(
 def _partitions_of_keys(table: DeltaTable, spec: TableSpec, keys: pl.Series) -> list[Any]:
     """The partition values under which any of ``keys`` is stored now (a key may change partition)."""
     found = (
-        _scan(table)
+        _scan_for_values(table, spec.primary_key, keys)
         .select(spec.primary_key, spec.partition_by)
         .filter(pl.col(spec.primary_key).is_in(keys.implode()))
         .select(pl.col(spec.partition_by).unique())
@@ -240,7 +240,7 @@ def existing_values(uri: str, column: str, candidates: pl.Series) -> pl.Series:
     if table is None:
         return candidates.head(0)
     return (
-        _scan(table)
+        _scan_for_values(table, column, candidates)
         .select(column)
         .filter(pl.col(column).is_in(candidates.implode()))
         .unique()
@@ -257,6 +257,36 @@ def scan(uri: str) -> pl.LazyFrame | None:
 
 def _scan(table: DeltaTable) -> pl.LazyFrame:
     return pl.scan_delta(table.table_uri, version=table.version(), storage_options=_options())
+
+
+def _scan_for_values(table: DeltaTable, column: str, values: pl.Series) -> pl.LazyFrame:
+    """A scan of the table reduced to the partitions where ``values`` of ``column`` may be stored.
+
+    The Delta log keeps every file's min and max per column: a partition none of whose files' ranges
+    holds one of ``values`` is not read (a daily batch's new keys are above every stored range, so a
+    look-up costs what the day costs, not what the lake holds). Files without statistics count as
+    holding anything; text columns are not pruned, as their statistics may be truncated.
+    """
+    lazy = _scan(table)
+    partition_columns = table.metadata().partition_columns
+    keys = values.drop_nulls().unique().sort()
+    if (
+        len(partition_columns) != 1
+        or keys.is_empty()
+        or not (keys.dtype.is_numeric() or keys.dtype.is_temporal())
+    ):
+        return lazy
+    partition = partition_columns[0]
+    files = pl.DataFrame(table.get_add_actions(flatten=True))
+    low, high, where = f"min.{column}", f"max.{column}", f"partition.{partition}"
+    if not {low, high, where} <= set(files.columns):
+        return lazy
+    lows = files.get_column(low).cast(keys.dtype, strict=False).fill_null(keys[0])
+    highs = files.get_column(high).cast(keys.dtype, strict=False).fill_null(keys[-1])
+    may_hold = keys.search_sorted(highs, side="right") > keys.search_sorted(lows, side="left")
+    partitions = files.filter(may_hold).get_column(where).unique()
+    kept = pl.col(partition).is_in(partitions.drop_nulls().implode())
+    return lazy.filter(kept | pl.col(partition).is_null() if partitions.null_count() else kept)
 
 
 def data_file_count(uri: str) -> int:

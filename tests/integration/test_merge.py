@@ -65,6 +65,34 @@ def test_dates_held_in_memory_are_stored_as_their_text(tmp_path: Path) -> None:
     assert delta._date_text(with_null).to_list() == [None, "2024-12-31", "2025-03-01", "2025-01-15"]
 
 
+def test_look_ups_skip_partitions_whose_statistics_rule_the_keys_out(tmp_path: Path) -> None:
+    """A partition none of whose files' key ranges holds a wanted key is not read: here it is gone."""
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(
+        uri,
+        orders(
+            (1, "2025-01-01 10:00:00", 5.0),
+            (2, "2025-01-01 11:00:00", 6.0),
+            (100, "2025-01-02 10:00:00", 7.0),
+            (101, "2025-01-02 11:00:00", 8.0),
+        ),
+        ORDERS,
+    )
+    for data_file in (Path(uri) / "date=2025-01-02").glob("*.parquet"):
+        data_file.unlink()
+
+    def existing(*keys: int) -> list[int]:
+        return delta.existing_values(uri, "order_id", pl.Series(keys, dtype=pl.Int32)).sort().to_list()
+
+    assert existing(1, 5, 1000) == [1]
+    with pytest.raises(FileNotFoundError):
+        existing(1, 100)  # 100 is in the range of the missing file: it must be read
+    merged = delta.merge_rows(
+        uri, orders((3, "2025-01-01 12:00:00", 9.0), (2, "2025-01-01 11:00:00", 6.5)), ORDERS
+    )
+    assert (merged.inserted, merged.updated) == (1, 1)
+
+
 def test_new_keys_are_inserted_and_newer_rows_replace(tmp_path: Path) -> None:
     uri = str(tmp_path / "orders")
     delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
