@@ -265,16 +265,13 @@ def _scan_for_values(table: DeltaTable, column: str, values: pl.Series) -> pl.La
     The Delta log keeps every file's min and max per column: a partition none of whose files' ranges
     holds one of ``values`` is not read (a daily batch's new keys are above every stored range, so a
     look-up costs what the day costs, not what the lake holds). Files without statistics count as
-    holding anything; text columns are not pruned, as their statistics may be truncated.
+    holding anything. Only integer columns are pruned: the log may truncate text and timestamp
+    statistics (to a prefix, to milliseconds), which would rule out files that do hold a value.
     """
     lazy = _scan(table)
     partition_columns = table.metadata().partition_columns
     keys = values.drop_nulls().unique().sort()
-    if (
-        len(partition_columns) != 1
-        or keys.is_empty()
-        or not (keys.dtype.is_numeric() or keys.dtype.is_temporal())
-    ):
+    if len(partition_columns) != 1 or keys.is_empty() or not keys.dtype.is_integer():
         return lazy
     partition = partition_columns[0]
     files = pl.DataFrame(table.get_add_actions(flatten=True))
