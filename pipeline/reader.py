@@ -8,6 +8,7 @@ text and physical line number; those become ``malformed_row`` rejections, never 
 from __future__ import annotations
 
 import csv
+import io
 import mmap
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -67,11 +68,19 @@ class _Cursor:
 
 def read_layout(path: Path, spec: TableSpec, source: str) -> FileLayout | None:
     """Parse the header of ``path``; None for an empty file (no header, no rows)."""
+    # Only the header's own lines are decoded here: bad bytes further on are read_chunks' to report.
+    with path.open("rb") as handle:
+        raw = handle.readline()
+        while raw.count(b'"') % 2:  # a quoted name holding a line break
+            more = handle.readline()
+            if not more:
+                break
+            raw += more
     try:
-        with path.open("r", encoding="utf-8-sig", newline="") as handle:
-            header = next(csv.reader(handle), None)
+        header = next(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")), None)
     except UnicodeDecodeError as error:
-        raise InputFileError(f"{source} is not UTF-8 text (line 1, byte {error.start})") from error
+        line = 1 + raw[: error.start].count(b"\n")
+        raise InputFileError(f"{source} is not UTF-8 text (line {line}, the header)") from error
     if header is None:
         return None
     names = [name.strip() for name in header]
@@ -112,6 +121,8 @@ def read_chunks(
             path, **_csv_options(layout, skip_rows=1, block_size=block_size, on_invalid_row=on_invalid_row)
         )
         for batch in reader:
+            if not _is_utf8(batch):
+                raise _not_utf8(path, source, layout)
             spans_lines = _has_newline(batch)
             chunk = _place_rows(_as_frame(batch), cursor, spec, layout, source, spans_lines)
             if chunk is not None:
@@ -148,8 +159,43 @@ def _csv_options(
             column_types={name: pa.string() for name in names},
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
+            # ``read_chunks`` checks each block itself (``_is_utf8``): most text is ASCII, which one
+            # scan of the block's bytes proves (0.2-0.4 CPU s less per 5 M-row file).
+            check_utf8=False,
         ),
     }
+
+
+def _is_utf8(batch: pa.RecordBatch) -> bool:
+    """Whether every value of the block is UTF-8: ASCII bytes are, others are checked value by value."""
+    for column in batch.columns:
+        buffers = column.buffers()
+        data = buffers[2] if len(buffers) > 2 else None
+        if data is None or not data.size or int(np.frombuffer(data, dtype=np.uint8).max()) < 0x80:
+            continue
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            return False
+    return True
+
+
+def _not_utf8(path: Path, source: str, layout: FileLayout) -> InputFileError:
+    """The error for a file that is not UTF-8, naming the first bad line, its column and bytes."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                before = line[: error.start].decode("utf-8", errors="replace")
+                field = len(next(csv.reader([before]), [""])) - 1
+                names = {position: name for name, position in layout.positions.items()}
+                column = names.get(field, f"field {field + 1}")
+                bad = line[error.start : error.end]
+                return InputFileError(
+                    f"{source} is not UTF-8 text (line {number}, column {column}, bytes {bad!r})"
+                )
+    return InputFileError(f"{source} is not UTF-8 text")
 
 
 def _as_frame(batch: pa.RecordBatch) -> pl.DataFrame:

@@ -140,8 +140,32 @@ def test_non_utf8_file_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
     path.write_bytes(
         b"order_num,order_id,user_id,order_timestamp,total_amount,date\n1,2,3,\xff\xfe,1,2025-01-01\n"
     )
-    with pytest.raises(InputFileError, match=r"orders\.csv"):
+    with pytest.raises(
+        InputFileError, match=r"orders\.csv is not UTF-8 text \(line 2, column order_timestamp"
+    ):
         read(path, ORDERS)
+
+
+def test_bad_bytes_in_a_later_block_name_their_line_and_column(tmp_path: Path) -> None:
+    rows = b"".join(b"%d,1,D\xc3\xa9pt,Caf\xc3\xa9 \xe2\x98\x95\n" % i for i in range(1, 2001))
+    path = write(
+        tmp_path, b"product_id,department_id,department,product_name\n" + rows + b"2001,1,Dept,N\xe9\n"
+    )
+    with pytest.raises(
+        InputFileError,
+        match=r"products\.csv is not UTF-8 text \(line 2002, column product_name, bytes b'\\xe9'",
+    ):
+        read(path, block_size=4096)
+    path.write_bytes(b"product_id,department_id,department,product_name\n" + rows)
+    _, records, _ = read(path, block_size=4096)
+    assert records.height == 2000
+    assert set(records.get_column("product_name")) == {"Caf\u00e9 \u2615"}
+
+
+def test_bad_bytes_in_the_header_are_named_as_such(tmp_path: Path) -> None:
+    path = write(tmp_path, b"product_id,department_id,depart\xffment,product_name\n1,2,Books,A\n")
+    with pytest.raises(InputFileError, match=r"products\.csv is not UTF-8 text \(line 1, the header\)"):
+        read_layout(path, PRODUCTS, path.name)
 
 
 def cut_out(path: Path, lines: list[int], spec: TableSpec = PRODUCTS) -> pl.DataFrame | None:
