@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     except LakehouseError as error:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {describe(error)}", highlight=False)
+        # One line however long: logs (CloudWatch, CI) keep the sentence whole.
+        console.print(f"[red]error:[/red] {describe(error)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as done:
         sys.exit(done.exit_code)
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             raise
         console.print(
-            f"[red]error:[/red] {describe(error)} (run with --debug for the traceback)", highlight=False
+            f"[red]error:[/red] {describe(error)} (run with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)

@@ -122,7 +122,7 @@ def read_chunks(
         )
         for batch in reader:
             if not _is_utf8(batch):
-                raise _not_utf8(path, source, layout)
+                raise _not_utf8(path, source, layout) or InputFileError(f"{source} is not UTF-8 text")
             spans_lines = _has_newline(batch)
             chunk = _place_rows(_as_frame(batch), cursor, spec, layout, source, spans_lines)
             if chunk is not None:
@@ -130,7 +130,11 @@ def read_chunks(
         tail = _place_rows(pl.DataFrame(), cursor, spec, layout, source)
         if tail is not None:
             yield tail
-    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+    except pa.ArrowInvalid as error:
+        # pyarrow cannot hand a malformed record that is not UTF-8 to the handler: say what is wrong.
+        not_utf8 = _not_utf8(path, source, layout)
+        if not_utf8 is not None:
+            raise not_utf8 from error
         raise InputFileError(f"{source} cannot be parsed as CSV: {_first_line(error)}") from error
 
 
@@ -180,7 +184,7 @@ def _is_utf8(batch: pa.RecordBatch) -> bool:
     return True
 
 
-def _not_utf8(path: Path, source: str, layout: FileLayout) -> InputFileError:
+def _not_utf8(path: Path, source: str, layout: FileLayout) -> InputFileError | None:
     """The error for a file that is not UTF-8, naming the first bad line, its column and bytes."""
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
@@ -195,7 +199,7 @@ def _not_utf8(path: Path, source: str, layout: FileLayout) -> InputFileError:
                 return InputFileError(
                     f"{source} is not UTF-8 text (line {number}, column {column}, bytes {bad!r})"
                 )
-    return InputFileError(f"{source} is not UTF-8 text")
+    return None
 
 
 def _as_frame(batch: pa.RecordBatch) -> pl.DataFrame:
