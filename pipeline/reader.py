@@ -130,7 +130,7 @@ def read_chunks(
         tail = _place_rows(pl.DataFrame(), cursor, spec, layout, source)
         if tail is not None:
             yield tail
-    except pa.ArrowInvalid as error:
+    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         # pyarrow cannot hand a malformed record that is not UTF-8 to the handler: say what is wrong.
         not_utf8 = _not_utf8(path, source, layout)
         if not_utf8 is not None:
@@ -185,7 +185,7 @@ def _is_utf8(batch: pa.RecordBatch) -> bool:
 
 
 def _not_utf8(path: Path, source: str, layout: FileLayout) -> InputFileError | None:
-    """The error for a file that is not UTF-8, naming the first bad line, its column and bytes."""
+    """The error naming the first line of ``path`` that is not UTF-8, its column and bytes (None: none)."""
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             try:
