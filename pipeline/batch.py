@@ -37,6 +37,7 @@ from pipeline.reader import (
     SOURCE_FILE,
     SOURCE_LINE,
     FileLayout,
+    ReadStats,
     detached,
     prefetched,
     read_chunks,
@@ -197,7 +198,9 @@ def run_step(
     rejected_parts: list[pl.DataFrame] = []
     extra_columns: dict[str, list[str]] = {}
     empty_files: list[str] = []
+    notes: list[str] = []
     sources: list[tuple[str, Path, FileLayout]] = []
+    stats: dict[int, ReadStats] = {}
     rows_in = 0
 
     with ExitStack() as local_copies:
@@ -207,14 +210,18 @@ def run_step(
             layout = read_layout(path, spec, entry.key)
             if layout is None:
                 empty_files.append(entry.key)
-                layout = FileLayout({}, [], [], 0, 1)
-            elif layout.extra:
+                layout = FileLayout({}, [], [], 0)
+            notes += _layout_notes(entry.key, layout)
+            if layout.extra:
                 extra_columns[entry.key] = layout.extra
             sources.append((entry.key, path, layout))
 
         readable = [(index, source) for index, source in enumerate(sources) if source[2].field_count]
         progress(f"{spec.name}: reading {len(readable)} file(s)")
-        streams = [read_chunks(path, spec, name, layout) for _, (name, path, layout) in readable]
+        streams = []
+        for index, (name, path, layout) in readable:
+            stats[index] = ReadStats()
+            streams.append(read_chunks(path, spec, name, layout, stats=stats[index]))
         # Chunks of two files interleave; a row's place in the batch is its _order (file, line).
         for stream_index, chunk in prefetched(streams):
             file_index = readable[stream_index][0]
@@ -227,6 +234,10 @@ def run_step(
             # Kept text must not pin the block it was read from (see ``detached``).
             rejected_parts.append(detached(_rejected_rows(invalid_rows, spec)))
             valid_parts.append(detached(valid_rows.select(*typed_columns, _order_of(file_index))))
+        empty_lines = {
+            sources[index][0]: read.empty_lines for index, read in stats.items() if read.empty_lines
+        }
+        notes += [note for read in stats.values() for note in read.notes]
 
         progress(f"{spec.name}: deduplicating and checking references")
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
@@ -239,13 +250,15 @@ def run_step(
             )
             referenced = {fk.column: found.to_series() for fk, found in zip(spec.foreign_keys, uniques)}
             known = _known_references(store, spec, referenced)
-            keep, late = survivor_mask(valid, spec, known)
+            stored = _stored_rows(store, spec, valid.get_column(typed(spec.primary_key)))
+            keep, late = survivor_mask(valid, spec, known, _stored_order(stored, spec))
+            stored_partitions = stored.get_column(spec.partition_by).unique().to_list()
             # The survivors are not copied out: the merge filters them slice by slice with ``keep``.
             rows = valid.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
             del valid
         else:
             rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
-            late = pl.DataFrame()
+            late, stored_partitions = pl.DataFrame(), []
 
         kept = int(keep.sum())
         rejected_rows = sum(part.height for part in rejected_parts) + late.height
@@ -261,7 +274,14 @@ def run_step(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge") as merger:
             progress(f"{spec.name}: merging {kept:,} rows")
             merging = (
-                merger.submit(delta.merge_rows, table_uri(store, spec.name), rows, spec, keep=keep)
+                merger.submit(
+                    delta.merge_rows,
+                    table_uri(store, spec.name),
+                    rows,
+                    spec,
+                    keep=keep,
+                    stored_partitions=stored_partitions,
+                )
                 if kept
                 else None
             )
@@ -290,6 +310,38 @@ def run_step(
         seconds=round(time.monotonic() - started, 3),
         extra_columns=extra_columns,
         empty_files=empty_files,
+        empty_lines=empty_lines,
+        notes=notes,
+    )
+
+
+def _layout_notes(source: str, layout: FileLayout) -> list[str]:
+    """What a user should know about a file's header: columns matched by case, extra columns."""
+    notes = [f"{source}: column {name!r} read as {column}" for name, column in layout.matched_by_case.items()]
+    if layout.extra_count:
+        shown = ", ".join(repr(name) for name in layout.extra)
+        more = layout.extra_count - len(layout.extra)
+        notes.append(
+            f"{source}: {layout.extra_count:,} extra column(s) ignored: {shown}"
+            + (f" and {more:,} more" if more else "")
+        )
+    return notes
+
+
+def _stored_rows(store: Store, spec: TableSpec, keys: pl.Series) -> pl.DataFrame:
+    """The lakehouse's key, partition and ordering value of the rows stored under ``keys`` now."""
+    columns = [spec.partition_by, *([spec.order_by] if spec.order_by else [])]
+    unique = keys.unique().alias(spec.primary_key)
+    return delta.stored_rows(table_uri(store, spec.name), spec, unique, columns)
+
+
+def _stored_order(stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:
+    """``stored`` as the stale check takes it: ``typed__<key>`` and ``typed__<order_by>``."""
+    if spec.order_by is None:
+        return None
+    return stored.select(
+        pl.col(spec.primary_key).alias(typed(spec.primary_key)),
+        pl.col(spec.order_by).cast(TIMESTAMP).alias(typed(spec.order_by)),
     )
 
 

@@ -48,42 +48,72 @@ def duplicate_losers(valid: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
     )
 
 
-def survivor_mask(
-    valid: pl.DataFrame, spec: TableSpec, known: dict[str, pl.Series] | None
-) -> tuple[pl.Series, pl.DataFrame]:
-    """Which valid rows survive dedup and the reference check (a boolean per row), and the rejected rows.
+STALE = "stale_row"
 
-    Duplicates lose first (see ``duplicate_losers``); then a surviving row whose foreign keys are not
-    in ``known`` (column -> values that exist) is rejected with every ``unknown_<column>`` reason that
-    applies. ``known=None`` skips the reference check. The big frame itself is never copied here.
+
+def survivor_mask(
+    valid: pl.DataFrame,
+    spec: TableSpec,
+    known: dict[str, pl.Series] | None,
+    stored: pl.DataFrame | None = None,
+) -> tuple[pl.Series, pl.DataFrame]:
+    """Which valid rows survive dedup, the reference check and the stale check, and the rejected rows.
+
+    Duplicates lose first (see ``duplicate_losers``). A surviving row is then rejected with every reason
+    that applies: ``unknown_<column>`` when a foreign key is not in ``known`` (column -> values that
+    exist; None skips the check), and ``stale_row`` when ``stored`` (the lakehouse's ``typed__<key>``
+    and ``typed__<order_by>`` of the batch's keys) holds its key with a newer ``spec.order_by``. The
+    big frame itself is never copied here.
     """
     losers = duplicate_losers(valid, spec)
     survives_dedup = ~pl.col(ORDER).is_in(losers.get_column(ORDER).implode())
-    unknown = {
+    flagged = {
         fk.reason: ~pl.col(typed(fk.column)).is_in(known[fk.column].implode())
         for fk in spec.foreign_keys
         if known is not None
     }
-    if not unknown:
+    stale = _stale_orders(valid, spec, stored)
+    if stale is not None:
+        flagged[STALE] = pl.col(ORDER).is_in(stale.implode())
+    if not flagged:
         return valid.select(survives_dedup.alias("keep")).to_series(), losers
-    flags = valid.select(survives_dedup.alias("dedup__"), *(expr.alias(r) for r, expr in unknown.items()))
-    is_orphan = flags.select(pl.col("dedup__") & pl.any_horizontal(list(unknown))).to_series()
-    # Reason lists are built for the few orphans only; building them for every row costs seconds.
-    reasons = flags.filter(is_orphan).select(
-        pl.concat_list(pl.when(pl.col(r)).then(pl.lit(r)).otherwise(None) for r in unknown)
+    flags = valid.select(survives_dedup.alias("dedup__"), *(expr.alias(r) for r, expr in flagged.items()))
+    is_rejected = flags.select(pl.col("dedup__") & pl.any_horizontal(list(flagged))).to_series()
+    # Reason lists are built for the few rejected rows only; building them for every row costs seconds.
+    reasons = flags.filter(is_rejected).select(
+        pl.concat_list(pl.when(pl.col(r)).then(pl.lit(r)).otherwise(None) for r in flagged)
         .list.drop_nulls()
         .alias(REASONS)
     )
-    orphans = valid.filter(is_orphan).with_columns(reasons.to_series())
-    keep = flags.select(pl.col("dedup__") & ~is_orphan).to_series().alias("keep")
-    return keep, pl.concat([losers, orphans])
+    rejected = valid.filter(is_rejected).with_columns(reasons.to_series())
+    keep = flags.select(pl.col("dedup__") & ~is_rejected).to_series().alias("keep")
+    return keep, pl.concat([losers, rejected])
+
+
+def _stale_orders(valid: pl.DataFrame, spec: TableSpec, stored: pl.DataFrame | None) -> pl.Series | None:
+    """The batch order (``_order``) of the valid rows older than the lakehouse's row for their key."""
+    if spec.order_by is None or stored is None:
+        return None
+    key, order_by = typed(spec.primary_key), typed(spec.order_by)
+    if not stored.height:
+        return pl.Series(ORDER, [], pl.Int64)
+    candidates = valid.select(key, order_by, ORDER).filter(
+        pl.col(key).is_in(stored.get_column(key).implode())
+    )
+    older = candidates.join(stored.rename({order_by: "stored__"}), on=key).filter(
+        pl.col("stored__") > pl.col(order_by)
+    )
+    return older.get_column(ORDER)
 
 
 def split_survivors(
-    valid: pl.DataFrame, spec: TableSpec, known: dict[str, pl.Series] | None
+    valid: pl.DataFrame,
+    spec: TableSpec,
+    known: dict[str, pl.Series] | None,
+    stored: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The surviving rows themselves (a copy) and the rejected rows; see ``survivor_mask``."""
-    keep, rejected = survivor_mask(valid, spec, known)
+    keep, rejected = survivor_mask(valid, spec, known, stored)
     return valid.filter(keep), rejected
 
 

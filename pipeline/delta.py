@@ -123,14 +123,26 @@ def _retrying_commits(action: Callable[[], T]) -> T:
 
 
 def merge_rows(
-    uri: str, rows: pl.DataFrame, spec: TableSpec, *, keep: pl.Series | None = None
+    uri: str,
+    rows: pl.DataFrame,
+    spec: TableSpec,
+    *,
+    keep: pl.Series | None = None,
+    stored_partitions: Sequence[Any] | None = None,
 ) -> MergeResult:
     """MERGE rows into a table, retrying on commit conflicts; see ``_merge_rows_once``."""
-    return _retrying_commits(lambda: _merge_rows_once(uri, rows, spec, keep=keep))
+    return _retrying_commits(
+        lambda: _merge_rows_once(uri, rows, spec, keep=keep, stored_partitions=stored_partitions)
+    )
 
 
 def _merge_rows_once(
-    uri: str, rows: pl.DataFrame, spec: TableSpec, *, keep: pl.Series | None = None
+    uri: str,
+    rows: pl.DataFrame,
+    spec: TableSpec,
+    *,
+    keep: pl.Series | None = None,
+    stored_partitions: Sequence[Any] | None = None,
 ) -> MergeResult:
     """MERGE ``rows`` (typed, unique on the primary key) into the table at ``uri`` on the primary key.
 
@@ -139,6 +151,7 @@ def _merge_rows_once(
     commit. The predicate names the partitions involved (the rows' own and those where their keys
     live now) as literals, so delta-rs reads and rewrites only those partitions. With ``keep`` (a
     boolean per row) only those rows are merged, filtered slice by slice rather than copied whole.
+    ``stored_partitions`` (where the rows' keys are stored now, looked up by the caller) spares a scan.
     """
     count = rows.height if keep is None else int(keep.sum())
     if count == 0:
@@ -159,7 +172,11 @@ def _merge_rows_once(
         key, part = spec.primary_key, spec.partition_by
         kept = rows if keep is None else rows.select(key, part).filter(keep)
         partitions = set(_stored(kept.select(part).unique(), spec).to_series().to_list())
-        partitions |= set(_partitions_of_keys(table, spec, kept.get_column(key)))
+        partitions |= set(
+            _partitions_of_keys(table, spec, kept.get_column(key))
+            if stored_partitions is None
+            else stored_partitions
+        )
         predicate = f"t.{key} = s.{key} AND {_in_list(part, sorted(partitions))}"
 
         changed = " OR ".join(
@@ -187,14 +204,28 @@ def _merge_rows_once(
 
 def _partitions_of_keys(table: DeltaTable, spec: TableSpec, keys: pl.Series) -> list[Any]:
     """The partition values under which any of ``keys`` is stored now (a key may change partition)."""
-    found = (
+    found = _rows_of_keys(table, spec, keys, [spec.partition_by])
+    return found.get_column(spec.partition_by).unique().to_list()
+
+
+def stored_rows(uri: str, spec: TableSpec, keys: pl.Series, columns: Sequence[str]) -> pl.DataFrame:
+    """The primary key and ``columns`` of the stored rows whose key is among ``keys`` (none: no table)."""
+    table = open_table(uri)
+    if table is None:
+        return pl.DataFrame(schema={spec.primary_key: keys.dtype, **{c: pl.Null for c in columns}})
+    return _rows_of_keys(table, spec, keys, columns)
+
+
+def _rows_of_keys(
+    table: DeltaTable, spec: TableSpec, keys: pl.Series, columns: Sequence[str]
+) -> pl.DataFrame:
+    wanted = [spec.primary_key, *(c for c in columns if c != spec.primary_key)]
+    return (
         _scan_for_values(table, spec.primary_key, keys)
-        .select(spec.primary_key, spec.partition_by)
+        .select(wanted)
         .filter(pl.col(spec.primary_key).is_in(keys.implode()))
-        .select(pl.col(spec.partition_by).unique())
         .collect()
     )
-    return found.to_series().to_list()
 
 
 def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:

@@ -1,15 +1,16 @@
 """Read one raw CSV file into frames of original text, keeping every record and its line number.
 
-pyarrow's streaming CSV reader parses RFC 4180 (quotes, CRLF, newlines in quoted values) block by
-block. A record whose field count differs from the header's is handed to a callback with its exact
-text and physical line number; those become ``malformed_row`` rejections, never shifted or cut.
+``pipeline.records`` finds where each record starts and ends and on which physical line (RFC 4180
+quoting; LF, CRLF or CR line breaks; empty lines are no records); pyarrow parses the fields of those
+records, window by window, materialising only the table's columns. A record whose field count
+differs from the header's, or whose quote is never closed, becomes a ``malformed_row`` rejection
+with its exact text, never shifted or cut into values.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import mmap
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from pipeline.errors import InputFileError
+from pipeline.errors import InputFileError, LakehouseError
+from pipeline.records import RAW_LIMIT, LongRecord, RecordStream, Span
 from pipeline.specs import TableSpec
 
 SOURCE_FILE = "_source_file"
@@ -30,22 +32,38 @@ SOURCE_LINE = "_source_line"
 RAW_RECORD = "_raw_record"
 T = TypeVar("T")
 
-# Large blocks amortise per-batch work; one block is the unit of memory for the raw text.
+# Large blocks amortise per-block work; one block is the unit of memory for the raw text.
 BLOCK_SIZE = 32 << 20
+# Extra header names a note lists; a header may hold millions of them.
+EXTRA_NAMES_NOTED = 10
 # Before pyarrow 25 a cast to string_view whose values are all inline leaves a null buffer slot that
 # crashes the export to Polars (apache/arrow#49740; reproduced here with pyarrow 21 and 24).
 _SAFE_VIEW_CASTS = int(pa.__version__.split(".")[0]) >= 25
+_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "pipes"}
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass
 class FileLayout:
-    """What the header of one file says: where each table column is, and what is missing or extra."""
+    """What the header of one file says: where each table column is, and what is missing or extra.
+
+    Attributes:
+        positions: the field index of each table column the header names.
+        missing: table columns the header does not name.
+        extra: the first EXTRA_NAMES_NOTED header names that are not table columns.
+        extra_count: how many header names are not table columns.
+        field_count: the header's number of fields: every record must have as many.
+        header_line: the line of the header (empty lines may come before it).
+        matched_by_case: header names matched to a table column only when letter case is ignored.
+    """
 
     positions: dict[str, int]
     missing: list[str]
     extra: list[str]
     field_count: int
-    header_lines: int
+    header_line: int = 1
+    extra_count: int = 0
+    matched_by_case: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,230 +75,219 @@ class RawChunk:
 
 
 @dataclass
-class _Cursor:
-    """Where the reader is: the next record's number (pyarrow's count, header = 1) and physical line."""
+class ReadStats:
+    """What reading a whole file found besides its records.
 
-    record: int
-    line: int
-    pending_records: list[int] = field(default_factory=list)
-    pending_texts: list[str] = field(default_factory=list)
+    Attributes:
+        empty_lines: empty lines (no records; counted, not rejected).
+        digest: SHA-256 of the bytes read.
+        notes: long records kept in part, and the like.
+    """
+
+    empty_lines: int = 0
+    digest: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def read_layout(path: Path, spec: TableSpec, source: str) -> FileLayout | None:
-    """Parse the header of ``path``; None for an empty file (no header, no rows)."""
-    # Only the header's own lines are decoded here: bad bytes further on are read_chunks' to report.
+    """Parse the header of ``path`` (its first record); None for a file with no record at all."""
     with path.open("rb") as handle:
-        raw = handle.readline()
-        while raw.count(b'"') % 2:  # a quoted name holding a line break
-            more = handle.readline()
-            if not more:
-                break
-            raw += more
+        stream = RecordStream(handle, block_size=1 << 16)
+        for item in stream:
+            return _layout(item, spec, source)
+    return None
+
+
+def _header(item: Span | LongRecord, source: str) -> tuple[list[str], int]:
+    """The header's fields and line."""
+    if isinstance(item, LongRecord):
+        why = "opens a quote that is never closed" if item.open_quote else "is longer than 64 MiB"
+        raise InputFileError(f"{source} line {item.line}: the header {why}")
+    line = int(item.lines[0])
     try:
-        header = next(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")), None)
+        text = item.text(0).decode("utf-8")
     except UnicodeDecodeError as error:
-        line = 1 + raw[: error.start].count(b"\n")
         raise InputFileError(f"{source} is not UTF-8 text (line {line}, the header)") from error
-    if header is None:
-        return None
+    return next(csv.reader([text])), line
+
+
+def _layout(item: Span | LongRecord, spec: TableSpec, source: str) -> FileLayout:
+    header, line = _header(item, source)
     names = [name.strip() for name in header]
+    if len(names) == 1:
+        for delimiter, plural in _DELIMITERS.items():
+            if delimiter in names[0]:
+                raise InputFileError(
+                    f"{source} line {line}: the header is a single field {_shown(names[0])}; "
+                    f"the file seems to be separated by {plural}, and only commas separate fields"
+                )
     positions: dict[str, int] = {}
+    by_case: dict[str, str] = {}
+    columns = set(spec.column_names)
+    folded = {column.casefold(): column for column in spec.column_names}
+
+    def place(column: str, index: int) -> None:
+        if column in positions:
+            raise InputFileError(
+                f"{source} line {line}: the header names column {column!r} twice "
+                f"(fields {positions[column] + 1} and {index + 1})"
+            )
+        positions[column] = index
+
     for index, name in enumerate(names):
-        if name in spec.column_names:
-            if name in positions:
-                raise InputFileError(f"{source} line 1: the header names column {name!r} twice")
-            positions[name] = index
+        if name in columns:
+            place(name, index)
+    for index, name in enumerate(names):
+        column = folded.get(name.casefold())
+        if column is not None and name not in columns:
+            place(column, index)
+            by_case[name] = column
     missing = [name for name in spec.column_names if name not in positions]
-    extra = [name for name in names if name not in spec.column_names]
-    header_lines = 1 + sum(name.count("\n") for name in header)
-    return FileLayout(positions, missing, extra, len(names), header_lines)
+    taken = set(positions.values())
+    extra = [name for index, name in enumerate(names) if index not in taken]
+    return FileLayout(
+        positions=positions,
+        missing=missing,
+        extra=extra[:EXTRA_NAMES_NOTED],
+        field_count=len(names),
+        header_line=line,
+        extra_count=len(extra),
+        matched_by_case=by_case,
+    )
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def read_chunks(
-    path: Path, spec: TableSpec, source: str, layout: FileLayout, *, block_size: int = BLOCK_SIZE
+    path: Path,
+    spec: TableSpec,
+    source: str,
+    layout: FileLayout,
+    *,
+    block_size: int = BLOCK_SIZE,
+    stats: ReadStats | None = None,
+    expected_digest: str | None = None,
 ) -> Iterator[RawChunk]:
     """Stream ``path`` as chunks of original text, one column per table column.
 
     Values keep their original text (untrimmed, empty as ``""``); a column the file lacks is null.
-    Each record carries ``_source_file`` and ``_source_line`` (its first physical line, the header
-    being line 1).
+    Each record carries ``_source_file`` and ``_source_line`` (the physical line where it starts).
+    With ``expected_digest`` (SHA-256), the bytes read must be those: else the file changed while it
+    was read, and the last step of the iteration raises before anything read can be committed.
     """
-    cursor = _Cursor(record=2, line=layout.header_lines + 1)
-
-    def on_invalid_row(row: pacsv.InvalidRow) -> str:
-        # pyarrow numbers rows (records), counting the header as 1, and may report a row of the
-        # block it parses ahead before it yields the current one: _place_rows sorts that out.
-        if row.number is None:
-            raise InputFileError(f"{source}: a malformed record could not be located")
-        cursor.pending_records.append(row.number)
-        cursor.pending_texts.append(row.text)
-        return "skip"
-
-    try:
-        reader = pacsv.open_csv(
-            path, **_csv_options(layout, skip_rows=1, block_size=block_size, on_invalid_row=on_invalid_row)
+    stats = stats if stats is not None else ReadStats()
+    with path.open("rb") as handle:
+        stream = RecordStream(handle, block_size=block_size)
+        header_seen = False
+        for item in stream:
+            if not header_seen:
+                header_seen = True
+                _header(item, source)  # the header itself; read_layout judged it
+                assert isinstance(item, Span)
+                item = Span(
+                    item.data, item.base, item.starts[1:], item.ends[1:], item.lines[1:], item.empty_lines
+                )
+                if not item.starts.size:
+                    continue
+            chunk = (
+                _long_record(item, spec, source, stats)
+                if isinstance(item, LongRecord)
+                else _parse_span(item, spec, source, layout)
+            )
+            yield chunk
+        stats.empty_lines = stream.empty_lines
+        stats.digest = stream.digest
+    if expected_digest is not None and stream.digest != expected_digest:
+        raise InputFileError(
+            f"{source} changed while it was read (its content is not the batch's any more); "
+            "nothing of it was written"
         )
-        for batch in reader:
-            if not _is_utf8(batch):
-                raise _not_utf8(path, source, layout) or InputFileError(f"{source} is not UTF-8 text")
-            spans_lines = _has_newline(batch)
-            chunk = _place_rows(_as_frame(batch), cursor, spec, layout, source, spans_lines)
-            if chunk is not None:
-                yield chunk
-        tail = _place_rows(pl.DataFrame(), cursor, spec, layout, source)
-        if tail is not None:
-            yield tail
-    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
-        # pyarrow cannot hand a malformed record that is not UTF-8 to the handler: say what is wrong.
-        not_utf8 = _not_utf8(path, source, layout)
-        if not_utf8 is not None:
-            raise not_utf8 from error
-        raise InputFileError(f"{source} cannot be parsed as CSV: {_first_line(error)}") from error
 
 
 def _csv_options(
-    layout: FileLayout,
-    *,
-    skip_rows: int,
-    block_size: int,
-    on_invalid_row: Callable[[pacsv.InvalidRow], str] | None = None,
+    layout: FileLayout, spec: TableSpec, *, block_size: int, on_invalid_row: Callable[[Any], str]
 ) -> dict[str, Any]:
-    """How every record is parsed, in a whole file and in records cut out of it: RFC 4180, all text."""
+    """How the fields of records are parsed: RFC 4180, all text, only the table's columns materialised."""
     names = [f"f{i}" for i in range(layout.field_count)]
+    wanted = [f"f{layout.positions[name]}" for name in spec.column_names if name in layout.positions]
     return {
         "read_options": pacsv.ReadOptions(
-            skip_rows=skip_rows,
             column_names=names,
             block_size=block_size,
-            # Single-threaded parsing is what numbers malformed rows, and the streaming reader is
-            # as fast with it (measured: 1.0 s vs 1.3 s for 5 M rows).
+            # Single-threaded parsing is what numbers malformed rows; files are read two at a time.
             use_threads=False,
         ),
         "parse_options": pacsv.ParseOptions(
-            newlines_in_values=True, ignore_empty_lines=False, invalid_row_handler=on_invalid_row
+            newlines_in_values=True, ignore_empty_lines=True, invalid_row_handler=on_invalid_row
         ),
         "convert_options": pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in names},
+            column_types={name: pa.string() for name in wanted},
+            include_columns=wanted,
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
-            # ``read_chunks`` checks each block itself (``_is_utf8``): most text is ASCII, which one
-            # scan of the block's bytes proves (0.2-0.4 CPU s less per 5 M-row file).
+            # The bytes were checked before (``_check_utf8``): one scan proves most text is ASCII.
             check_utf8=False,
         ),
     }
 
 
-def _is_utf8(batch: pa.RecordBatch) -> bool:
-    """Whether every value of the block is UTF-8: ASCII bytes are, others are checked value by value."""
-    for column in batch.columns:
-        buffers = column.buffers()
-        data = buffers[2] if len(buffers) > 2 else None
-        if data is None or not data.size or int(np.frombuffer(data, dtype=np.uint8).max()) < 0x80:
-            continue
-        try:
-            column.validate(full=True)
-        except pa.ArrowInvalid:
-            return False
-    return True
+def _parse_fields(
+    data: bytes | memoryview, layout: FileLayout, spec: TableSpec
+) -> tuple[pa.Table, list[int]]:
+    """The well-formed records of ``data`` parsed, and the (0-based) indexes of the malformed ones."""
+    invalid: list[int] = []
+
+    def on_invalid_row(row: Any) -> str:
+        if row.number is None:
+            raise LakehouseError("the CSV parser could not number a malformed record")
+        invalid.append(row.number - 1)
+        return "skip"
+
+    options = _csv_options(
+        layout, spec, block_size=max(len(data) + 1, 1 << 20), on_invalid_row=on_invalid_row
+    )
+    table = pacsv.read_csv(pa.BufferReader(pa.py_buffer(data)), **options)
+    return table, invalid
 
 
-def _not_utf8(path: Path, source: str, layout: FileLayout) -> InputFileError | None:
-    """The error naming the first line of ``path`` that is not UTF-8, its column and bytes (None: none)."""
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                before = line[: error.start].decode("utf-8", errors="replace")
-                field = len(next(csv.reader([before]), [""])) - 1
-                names = {position: name for name, position in layout.positions.items()}
-                column = names.get(field, f"field {field + 1}")
-                bad = line[error.start : error.end]
-                return InputFileError(
-                    f"{source} is not UTF-8 text (line {number}, column {column}, bytes {bad!r})"
-                )
-    return None
+def _parse_span(span: Span, spec: TableSpec, source: str, layout: FileLayout) -> RawChunk:
+    """The records of one span: well-formed ones as text per column, the others with their whole text."""
+    count = span.starts.size
+    first, last = int(span.starts[0]) - span.base, int(span.ends[-1]) - span.base
+    _check_utf8(span, first, last, source, layout)
+    try:
+        table, invalid = _parse_fields(memoryview(span.data)[first:last], layout, spec)
+    except pa.ArrowInvalid as error:
+        raise InputFileError(
+            f"{source} near line {int(span.lines[0])} cannot be parsed as CSV: {_first_line(error)}"
+        ) from error
+    bad = np.zeros(count, dtype=bool)
+    bad[np.array(invalid, dtype=np.int64)] = True
+    if table.num_rows + len(invalid) != count or int(bad.sum()) != len(invalid):
+        raise LakehouseError(
+            f"{source} near line {int(span.lines[0])}: the CSV parser found {table.num_rows + len(invalid)} "
+            f"records where the record scan found {count}; refusing to guess"
+        )
+    fields = _as_frame(table) if table.num_rows else pl.DataFrame()
+    records = _shaped(fields, spec, layout, source, span.lines[~bad])
+    texts = [_kept_text(span.text(int(i))) for i in np.flatnonzero(bad)]
+    return RawChunk(records, _malformed(source, span.lines[bad].tolist(), texts))
 
 
-def _as_frame(batch: pa.RecordBatch) -> pl.DataFrame:
-    """The block as a Polars frame without copying its text.
-
-    Polars holds strings as views; Arrow's cast to views points into the block's text instead of
-    the conversion ``from_arrow`` makes of a plain string column (per 5 M-row file: 0.5 instead of
-    0.6-1.1 CPU s and a tenth of the page faults). Rows kept past their block must be ``detached``.
-    """
-    if _SAFE_VIEW_CASTS:
-        views = [column.cast(pa.string_view()) for column in batch.columns]
-        batch = pa.RecordBatch.from_arrays(views, names=batch.schema.names)
-    frame = pl.from_arrow(batch)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
-
-
-def detached(frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with its text copied out of the blocks it was read from.
-
-    Text read by ``read_chunks`` is views into the block's buffers: a few rows kept from a block
-    would keep the whole block alive. Arrow's oldest format has no views, so the export copies
-    just these rows' text.
-    """
-    text = [name for name, dtype in frame.schema.items() if dtype == pl.String]
-    if not text or not frame.height:
-        return frame
-    copied = pl.DataFrame(frame.select(text).to_arrow(compat_level=pl.CompatLevel.oldest()))
-    return frame.with_columns(copied)
-
-
-def _has_newline(batch: pa.RecordBatch) -> bool:
-    """Whether any value of the block may hold a line break (one scan of its string bytes)."""
-    for column in batch.columns:
-        buffers = column.buffers()
-        data = buffers[2] if len(buffers) > 2 else None
-        if data is not None and data.size and bool((np.frombuffer(data, dtype=np.uint8) == 10).any()):
-            return True
-    return False
-
-
-def _place_rows(
-    fields: pl.DataFrame,
-    cursor: _Cursor,
-    spec: TableSpec,
-    layout: FileLayout,
-    source: str,
-    spans_lines: bool = True,
-) -> RawChunk | None:
-    """Give one block's well-formed records and the malformed ones among them their physical lines.
-
-    ``spans_lines=False`` says no value holds a line break, so every well-formed record is one line.
-    """
-    n = fields.height
-    order = np.argsort(np.array(cursor.pending_records, dtype=np.int64), kind="stable")
-    records = np.array(cursor.pending_records, dtype=np.int64)[order]
-    texts = [cursor.pending_texts[i] for i in order]
-    # The j-th malformed record has (record - first record - j) well-formed records before it.
-    valid_before = records - cursor.record - np.arange(records.size)
-    is_last_batch = n == 0
-    take = records.size if is_last_batch else int(np.searchsorted(valid_before, n, side="right"))
-    cursor.pending_records = records[take:].tolist()
-    cursor.pending_texts = texts[take:]
-    valid_before, texts = valid_before[:take], texts[:take]
-    if n == 0 and take == 0:
-        return None
-
-    spans = np.ones(n, dtype=np.int64)
-    if n and fields.width and spans_lines:
-        newlines = fields.select(pl.sum_horizontal(pl.all().str.count_matches("\n", literal=True)))
-        spans += newlines.to_series().to_numpy().astype(np.int64)
-    before = np.concatenate(([0], np.cumsum(spans)))  # valid lines before valid record i
-    bad_spans = np.array([1 + text.count("\n") for text in texts], dtype=np.int64)
-    bad_before = np.concatenate(([0], np.cumsum(bad_spans)))
-    shift = np.cumsum(np.bincount(valid_before, weights=bad_spans, minlength=n + 1))[:n].astype(np.int64)
-    lines = cursor.line + before[:n] + shift
-    bad_lines = cursor.line + before[valid_before] + bad_before[:-1]
-    cursor.line += int(before[-1] + bad_before[-1])
-    cursor.record += n + take
-
-    columns = [
+def _shaped(
+    fields: pl.DataFrame, spec: TableSpec, layout: FileLayout, source: str, lines: np.ndarray
+) -> pl.DataFrame:
+    if not lines.size:
+        return _empty_records(spec)
+    if not layout.positions:  # the header names no table column: only the lines say what was read
+        return pl.DataFrame({SOURCE_LINE: lines}).select(
+            *(pl.lit(None, pl.String).alias(name) for name in spec.column_names),
+            pl.lit(source, pl.String).alias(SOURCE_FILE),
+            pl.col(SOURCE_LINE).cast(pl.Int64),
+        )
+    columns: list[pl.Expr | pl.Series] = [
         (
             fields.get_column(f"f{layout.positions[name]}")
             if name in layout.positions
@@ -288,125 +295,104 @@ def _place_rows(
         ).alias(name)
         for name in spec.column_names
     ]
-    shaped = (
-        fields.select(
-            *columns, pl.lit(source, pl.String).alias(SOURCE_FILE), pl.Series(SOURCE_LINE, lines, pl.Int64)
-        )
-        if n
-        else _empty_records(spec)
-    )
-    malformed = pl.DataFrame(
-        {SOURCE_FILE: [source] * take, SOURCE_LINE: bad_lines.tolist(), RAW_RECORD: texts},
+    source_columns: list[pl.Expr | pl.Series] = [
+        pl.lit(source, pl.String).alias(SOURCE_FILE),
+        pl.Series(SOURCE_LINE, lines, pl.Int64),
+    ]
+    return fields.select(*columns, *source_columns)
+
+
+def _malformed(source: str, lines: list[int], texts: list[str]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {SOURCE_FILE: [source] * len(lines), SOURCE_LINE: lines, RAW_RECORD: texts},
         schema={SOURCE_FILE: pl.String, SOURCE_LINE: pl.Int64, RAW_RECORD: pl.String},
     )
-    return RawChunk(shaped, malformed)
+
+
+def _kept_text(raw: bytes) -> str:
+    """A malformed record's text (checked UTF-8 already), its first RAW_LIMIT bytes at most."""
+    return raw[:RAW_LIMIT].decode("utf-8", errors="ignore") if len(raw) > RAW_LIMIT else raw.decode("utf-8")
+
+
+def _long_record(record: LongRecord, spec: TableSpec, source: str, stats: ReadStats) -> RawChunk:
+    """A record whose quote never closes, or that is too long: malformed, with its first bytes kept."""
+    text = record.text
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # The kept part may end inside a character; anything else is not UTF-8.
+        if record.size == len(text) or error.start < len(text) - 3:
+            line = record.line + len(_LINE_BREAK.findall(text[: error.start]))
+            bad = text[error.start : error.end]
+            raise InputFileError(f"{source} is not UTF-8 text (line {line}, bytes {bad!r})") from error
+        decoded = text[: error.start].decode("utf-8")
+    why = "opens a quote that is never closed" if record.open_quote else "is too long to be a row"
+    if record.size > len(text):
+        stats.notes.append(
+            f"{source} line {record.line}: a record of {record.size:,} bytes {why}; "
+            f"raw_record keeps its first {len(decoded.encode()):,}"
+        )
+    elif record.open_quote:
+        stats.notes.append(f"{source} line {record.line}: a record {why} (it runs to the end of the file)")
+    return RawChunk(_empty_records(spec), _malformed(source, [record.line], [decoded]))
+
+
+def _check_utf8(span: Span, first: int, last: int, source: str, layout: FileLayout) -> None:
+    """Raise naming the line, column and bytes where ``span.data[first:last]`` is not UTF-8."""
+    if last <= first:
+        return
+    data = np.frombuffer(span.data, dtype=np.uint8, count=last - first, offset=first)
+    if int(data.max()) < 0x80:
+        return
+    try:
+        span.data[first:last].decode("utf-8")
+        return
+    except UnicodeDecodeError as error:
+        at = span.base + first + error.start
+        bad = span.data[first + error.start : first + error.end]
+    index = int(np.searchsorted(span.starts, at, side="right")) - 1
+    start = int(span.starts[index])
+    before = span.data[start - span.base : at - span.base]
+    line = int(span.lines[index]) + len(_LINE_BREAK.findall(before))
+    field_index = len(next(csv.reader([before.decode("utf-8", errors="replace")]), [""])) - 1
+    names = {position: name for name, position in layout.positions.items()}
+    column = names.get(field_index, f"field {field_index + 1}")
+    raise InputFileError(f"{source} is not UTF-8 text (line {line}, column {column}, bytes {bad!r})")
 
 
 def records_at_lines(
     path: Path, spec: TableSpec, source: str, layout: FileLayout, lines: pl.Series
 ) -> pl.DataFrame | None:
-    """The original text of the records that start at physical ``lines`` of ``path``, cut out directly.
+    """The original text of the records that start at physical ``lines`` of ``path``.
 
-    Finds the lines' byte offsets with one vectorised pass over the file and parses just those
-    records (as ``read_chunks`` shapes them), instead of parsing the whole file again. Returns None
-    when a record does not split into the header's field count or a line is past the end of the file:
-    the caller then reads the file again.
+    The file's records are found again by the same scan as ``read_chunks``, but only the wanted
+    ones are parsed, all at once. Returns None when a line starts no well-formed record.
     """
     wanted = np.unique(lines.cast(pl.Int64).to_numpy())
     if not wanted.size:
         return _empty_records(spec)
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        cut = _cut_lines(data, wanted)
-        if cut is None:
-            return None
-        starts, pieces = cut
-        for index, piece in enumerate(pieces):
-            # A quote left open: the record goes on over the next lines.
-            if piece.count(b'"') % 2:
-                end = _record_end(data, int(starts[index]))
-                if end is None:
+    texts: list[bytes] = []
+    found: list[np.ndarray] = []
+    with path.open("rb") as handle:
+        for item in RecordStream(handle, block_size=BLOCK_SIZE):
+            if isinstance(item, LongRecord):
+                if np.isin(item.line, wanted):
                     return None
-                pieces[index] = data[int(starts[index]) : end]
-    # One parse of all the cut-out records (each ends with its quotes closed), by the reader's rules.
-    text = b"\n".join(pieces)
+                continue
+            hit = np.flatnonzero(np.isin(item.lines, wanted))
+            texts += [item.text(int(i)) for i in hit]
+            found.append(item.lines[hit])
+    at = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    if not np.array_equal(at, wanted):
+        return None
+    data = b"\n".join(texts)
     try:
-        table = pacsv.read_csv(
-            pa.BufferReader(text), **_csv_options(layout, skip_rows=0, block_size=len(text) + 1)
-        )
-    except pa.ArrowInvalid:  # a record with more or fewer fields than the header
+        table, invalid = _parse_fields(data, layout, spec)
+    except pa.ArrowInvalid:
         return None
-    if table.num_rows != len(pieces):
+    if invalid or table.num_rows != len(texts):
         return None
-    fields = pl.DataFrame(table)
-    return fields.select(
-        *(
-            (
-                fields.get_column(f"f{layout.positions[name]}")
-                if name in layout.positions
-                else pl.lit(None, pl.String)
-            ).alias(name)
-            for name in spec.column_names
-        ),
-        pl.lit(source, pl.String).alias(SOURCE_FILE),
-        pl.Series(SOURCE_LINE, wanted, pl.Int64),
-    )
-
-
-_SCAN_BLOCK = 64 << 20
-
-
-def _cut_lines(data: mmap.mmap, lines: np.ndarray) -> tuple[np.ndarray, list[bytes]] | None:
-    """The start offsets and bytes (up to the line break) of the sorted physical ``lines`` (1-based).
-
-    None when a line is past the end of the file. One vectorised pass finds the line breaks; each
-    block's pages are released once its lines are cut, so the scan does not hold the file in memory.
-    """
-    # Line L starts right after the (L-1)-th line break and ends at the L-th.
-    targets = lines - 1
-    starts = np.full(targets.size, -1, dtype=np.int64)
-    ends = np.full(targets.size, len(data), dtype=np.int64)
-    starts[targets == 0] = 0
-    pieces: list[bytes] = []
-    seen = 0
-    started = int(np.searchsorted(targets, 0, side="right"))
-    for block_start in range(0, len(data), _SCAN_BLOCK):
-        if len(pieces) == targets.size:
-            break
-        count = min(_SCAN_BLOCK, len(data) - block_start)
-        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8, count=count, offset=block_start) == 10)
-        total = seen + newlines.size
-        upto = int(np.searchsorted(targets, total, side="right"))
-        starts[started:upto] = block_start + newlines[targets[started:upto] - seen - 1] + 1
-        ended = int(np.searchsorted(targets, total - 1, side="right"))
-        done = len(pieces)
-        ends[done:ended] = block_start + newlines[targets[done:ended] - seen]
-        pieces.extend(data[s:e] for s, e in zip(starts[done:ended].tolist(), ends[done:ended].tolist()))
-        started, seen = upto, total
-        # The view into the map must be gone before the map can be closed.
-        del newlines
-        if hasattr(mmap, "MADV_DONTNEED"):
-            aligned = block_start - block_start % mmap.PAGESIZE
-            data.madvise(mmap.MADV_DONTNEED, aligned, count + block_start - aligned)
-    if (starts < 0).any():
-        return None
-    # Lines after the last line break (a file that does not end with one).
-    done = len(pieces)
-    pieces.extend(data[s : len(data)] for s in starts[done:].tolist())
-    return starts, pieces
-
-
-def _record_end(data: mmap.mmap, start: int) -> int | None:
-    """The end (exclusive, at its line break) of the record at ``start``: where its quotes balance."""
-    end, quotes = start, 0
-    while True:
-        newline = data.find(b"\n", end)
-        stop = len(data) if newline < 0 else newline
-        quotes += data[end:stop].count(b'"')
-        if quotes % 2 == 0:
-            return stop
-        if newline < 0:
-            return None
-        end = newline + 1
+    return _shaped(pl.DataFrame(table), spec, layout, source, wanted)
 
 
 def prefetched(
@@ -470,6 +456,35 @@ def prefetched(
                     queue.get_nowait()
                 except Empty:
                     worker.join(timeout=0.1)
+
+
+def _as_frame(table: pa.Table) -> pl.DataFrame:
+    """The parsed fields as a Polars frame without copying their text.
+
+    Polars holds strings as views; Arrow's cast to views points into the parsed text instead of
+    the conversion ``from_arrow`` makes of a plain string column (per 5 M-row file: 0.5 instead of
+    0.6-1.1 CPU s and a tenth of the page faults). Rows kept past their block must be ``detached``.
+    """
+    if _SAFE_VIEW_CASTS:
+        views = [column.cast(pa.string_view()) for column in table.columns]
+        table = pa.Table.from_arrays(views, names=table.schema.names)
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def detached(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with its text copied out of the blocks it was read from.
+
+    Text read by ``read_chunks`` is views into the block's buffers: a few rows kept from a block
+    would keep the whole block alive. Arrow's oldest format has no views, so the export copies
+    just these rows' text.
+    """
+    text = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+    if not text or not frame.height:
+        return frame
+    copied = pl.DataFrame(frame.select(text).to_arrow(compat_level=pl.CompatLevel.oldest()))
+    return frame.with_columns(copied)
 
 
 def _empty_records(spec: TableSpec) -> pl.DataFrame:

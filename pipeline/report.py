@@ -26,6 +26,8 @@ class StepReport:
     seconds: float
     extra_columns: dict[str, list[str]] = field(default_factory=dict)
     empty_files: list[str] = field(default_factory=list)
+    empty_lines: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -57,11 +57,11 @@ def _parsed(column: Column, value: pl.Expr) -> pl.Expr:
             naive.str.to_datetime(pattern, strict=False, time_unit="us", time_zone="UTC")
             for pattern in ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f")
         )
-        return pl.when(value.str.contains(_TIMESTAMP)).then(parsed).otherwise(None)
+        return pl.when(_in_years(value, _TIMESTAMP)).then(parsed).otherwise(None)
     if column.type == "date":
         # Held as a Date while in memory (4 bytes, not a 16-byte string view); stored as text.
         parsed = value.str.to_date("%Y-%m-%d", strict=False)
-        return pl.when(value.str.contains(_DATE)).then(parsed).otherwise(None)
+        return pl.when(_in_years(value, _DATE)).then(parsed).otherwise(None)
     return value
 
 
@@ -75,7 +75,16 @@ def _parsed_as_written(column: Column, value: pl.Expr) -> pl.Expr:
         return _parsed(column, value)
     # A fixed-width pattern takes Polars' fast parser (0.10 s vs 0.19 s with %.f per 5 M values).
     parsed = value.str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False, time_unit="us", time_zone="UTC")
-    return pl.when(value.str.contains(_TIMESTAMP)).then(parsed).otherwise(None)
+    return pl.when(_in_years(value, _TIMESTAMP)).then(parsed).otherwise(None)
+
+
+def _in_years(value: pl.Expr, pattern: str) -> pl.Expr:
+    """Whether ``value`` has the form ``pattern`` with a year in 0001-9999.
+
+    Polars parses year 0000 (proleptic), which Parquet and Delta readers cannot store: a value that
+    passed validation must never fail the write.
+    """
+    return value.str.contains(pattern) & ~value.str.starts_with("0000")
 
 
 def _out_of_range(column: Column, typed: pl.Expr) -> pl.Expr | None:

@@ -374,3 +374,29 @@ def test_late_rejects_fall_back_to_reading_again_when_the_cut_out_text_differs(
         ("6", "Toys", ["duplicate_row"]),
         ("x", "Home", ["invalid:product_id"]),
     ]
+
+
+def test_rows_older_than_the_lakehouse_are_rejected_as_stale_not_counted_unchanged(root: Path) -> None:
+    store = open_store(str(root))
+    small_batch(root)
+    run_batch(store)
+    write_raw(root, "products", "p2.csv", "5,2,Books,Novel")
+    write_raw(
+        root,
+        "orders",
+        "o2.csv",
+        "1,10,7,2025-04-01T11:00:00,99.00,2025-04-01",  # older than the stored 11:27: stale
+        "1,13,7,2025-04-05T08:00:00,1.00,2025-04-05",
+    )
+    write_raw(root, "order_items", "i2.csv", "1,10,7,,5,1,0,2025-04-01T10:00:00,2025-04-01")
+    report = run_batch(store)
+    steps = {s.table: s for s in report.steps}
+    assert steps["orders"].rejected_by_reason == {"stale_row": 1}
+    assert (steps["orders"].inserted, steps["orders"].updated, steps["orders"].unchanged) == (1, 0, 0)
+    assert steps["order_items"].rejected_by_reason == {"stale_row": 1}
+    for step in report.steps:
+        assert step.inserted + step.updated + step.unchanged + step.rejected == step.rows_in
+    orders = table_state(root)["orders"]
+    assert orders.filter(pl.col("order_id") == 10).get_column("total_amount").to_list() == [12.5]
+    stale = pl.read_delta(rejected_uri(store, "orders")).filter(pl.col("batch_id") == report.batch_id)
+    assert stale.select("order_id", "total_amount", "source_line").rows() == [("10", "99.00", 2)]

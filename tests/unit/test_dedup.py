@@ -114,3 +114,47 @@ def test_a_duplicate_loser_is_not_also_an_orphan_and_the_winner_is_checked() -> 
     assert kept.get_column(ORDER).to_list() == [1]
     outcome = dict(zip(rejected.get_column(ORDER).to_list(), rejected.get_column(REASONS).to_list()))
     assert outcome == {0: ["duplicate_key"], 2: ["unknown_order_id"]}
+
+
+def _stored(spec: TableSpec, pairs: list[tuple[int, str]]) -> pl.DataFrame:
+    """The lakehouse's key and ordering value, as the step looks them up."""
+    return pl.DataFrame(
+        {
+            f"typed__{spec.primary_key}": [key for key, _ in pairs],
+            "typed__order_timestamp": [t for _, t in pairs],
+        },
+        schema={f"typed__{spec.primary_key}": pl.Int32, "typed__order_timestamp": pl.String},
+    ).with_columns(pl.col("typed__order_timestamp").str.to_datetime(time_unit="us", time_zone="UTC"))
+
+
+def test_a_row_older_than_the_lakehouses_row_is_stale() -> None:
+    rows = [
+        valid_order(order_id="1", order_timestamp="2025-04-01T10:00:00"),  # older than stored: stale
+        valid_order(order_id="2", order_timestamp="2025-04-01T11:27:00"),  # same instant: applied
+        valid_order(order_id="3", order_timestamp="2025-04-01T12:00:00"),  # newer: applied
+        valid_order(order_id="4"),  # not stored: new
+    ]
+    stored = _stored(
+        ORDERS, [(1, "2025-04-01T11:00:00"), (2, "2025-04-01T11:27:00"), (3, "2025-04-01T11:00:00")]
+    )
+    kept, lost = outcome(*split_survivors(checked(ORDERS, rows), ORDERS, {}, stored))
+    assert kept == [1, 2, 3]
+    assert lost == {0: ["stale_row"]}
+
+
+def test_a_stale_orphan_gets_both_reasons_and_a_duplicate_loser_neither() -> None:
+    rows = [
+        valid_item(id="1", product_id="77", order_timestamp="2025-04-01T09:00:00"),
+        valid_item(id="1", product_id="78", order_timestamp="2025-04-01T08:00:00"),
+    ]
+    known = {"order_id": pl.Series([10], dtype=pl.Int32), "product_id": pl.Series([5], dtype=pl.Int32)}
+    stored = _stored(ORDER_ITEMS, [(1, "2025-04-01T10:00:00")])
+    kept, lost = outcome(*split_survivors(checked(ORDER_ITEMS, rows), ORDER_ITEMS, known, stored))
+    assert kept == []
+    assert lost == {0: ["unknown_product_id", "stale_row"], 1: ["duplicate_key"]}
+
+
+def test_products_are_never_stale() -> None:
+    stored = pl.DataFrame({"typed__product_id": [5]}, schema={"typed__product_id": pl.Int32})
+    kept, lost = outcome(*split_survivors(checked(PRODUCTS, [valid_product()]), PRODUCTS, None, stored))
+    assert kept == [0] and lost == {}

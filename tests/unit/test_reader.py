@@ -15,6 +15,7 @@ from pipeline.reader import (
     RAW_RECORD,
     SOURCE_LINE,
     FileLayout,
+    ReadStats,
     detached,
     prefetched,
     read_chunks,
@@ -113,20 +114,126 @@ def test_line_numbers_hold_across_blocks(tmp_path: Path) -> None:
     assert records.height + malformed.height == 3000
 
 
-def test_blank_line_is_a_row_not_silently_dropped(tmp_path: Path) -> None:
-    path = write(tmp_path, b"product_id,department_id,department,product_name\n1,2,Books,A\n\n3,4,Toys,B\n")
-    _, records, malformed = read(path)
-    assert records.height + malformed.height == 3
-    assert records.get_column(SOURCE_LINE).to_list()[-1] == 4
+def test_empty_lines_are_no_records_but_are_counted(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, b"\n\r\nproduct_id,department_id,department,product_name\n1,2,Books,A\n\n3,4,Toys,B\n\n"
+    )
+    layout = read_layout(path, PRODUCTS, path.name)
+    assert layout is not None and layout.header_line == 3
+    stats = ReadStats()
+    chunks = list(read_chunks(path, PRODUCTS, path.name, layout, stats=stats))
+    records = pl.concat([c.records for c in chunks])
+    assert records.get_column(SOURCE_LINE).to_list() == [4, 6]
+    assert sum(c.malformed.height for c in chunks) == 0
+    assert stats.empty_lines == 4
+
+
+def test_a_line_of_only_whitespace_is_a_malformed_record(tmp_path: Path) -> None:
+    _, records, malformed = read(
+        write(tmp_path, b"product_id,department_id,department,product_name\n \t\n1,2,B,A\n")
+    )
+    assert malformed.select(SOURCE_LINE, RAW_RECORD).rows() == [(2, " \t")]
+    assert records.get_column(SOURCE_LINE).to_list() == [3]
+
+
+def test_a_file_with_no_well_formed_record_makes_every_record_malformed(tmp_path: Path) -> None:
+    _, records, malformed = read(
+        write(tmp_path, b"product_id,department_id,department,product_name\n1\n2,3\n")
+    )
+    assert records.height == 0
+    assert malformed.select(SOURCE_LINE, RAW_RECORD).rows() == [(2, "1"), (3, "2,3")]
+
+
+def test_a_quote_open_at_the_end_is_one_malformed_record_at_its_line(tmp_path: Path) -> None:
+    content = b'product_id,department_id,department,product_name\n1,2,B,A\n2,3,B,"open\n3,4,C,D\n4,5,E,F\n'
+    stats = ReadStats()
+    path = write(tmp_path, content)
+    layout = read_layout(path, PRODUCTS, path.name)
+    assert layout is not None
+    chunks = list(read_chunks(path, PRODUCTS, path.name, layout, stats=stats))
+    records = pl.concat([c.records for c in chunks])
+    malformed = pl.concat([c.malformed for c in chunks])
+    assert records.get_column(SOURCE_LINE).to_list() == [2]
+    assert malformed.select(SOURCE_LINE, RAW_RECORD).rows() == [(3, '2,3,B,"open\n3,4,C,D\n4,5,E,F\n')]
+    assert any("line 3" in note and "never closed" in note for note in stats.notes)
+
+
+def test_a_quoted_header_name_over_two_lines_shifts_no_line(tmp_path: Path) -> None:
+    content = b'product_id,department_id,department,"product\nname",product_name\n1,2,B,x,A\n2,3\n'
+    layout, records, malformed = read(write(tmp_path, content))
+    assert layout.extra == ["product\nname"]
+    assert records.get_column(SOURCE_LINE).to_list() == [3]
+    assert malformed.get_column(SOURCE_LINE).to_list() == [4]
+
+
+def test_a_stray_cr_is_a_line_break(tmp_path: Path) -> None:
+    content = b"product_id,department_id,department,product_name\n1,2,B,A\r2,3,C,D\n3,4,E,F\n"
+    _, records, _ = read(write(tmp_path, content))
+    assert records.select("product_id", SOURCE_LINE).rows() == [("1", 2), ("2", 3), ("3", 4)]
+
+
+def test_header_only_files_have_no_rows_with_or_without_a_final_line_break(tmp_path: Path) -> None:
+    for content in (
+        b"product_id,department_id,department,product_name",
+        b"\xef\xbb\xbfproduct_id,department_id,department,product_name\r\n",
+    ):
+        _, records, malformed = read(write(tmp_path, content))
+        assert records.height == 0 and malformed.height == 0
+
+
+def test_a_header_whose_quote_never_closes_is_a_clear_error(tmp_path: Path) -> None:
+    path = write(tmp_path, b'product_id,"department_id,department,product_name\n' + b"1,2,B,A\n" * 1000)
+    with pytest.raises(InputFileError, match=r"line 1: the header opens a quote that is never closed"):
+        read_layout(path, PRODUCTS, path.name)
+
+
+def test_a_header_of_one_field_names_the_likely_delimiter(tmp_path: Path) -> None:
+    for delimiter, word in ((b";", "semicolons"), (b"\t", "tabs"), (b"|", "pipes")):
+        path = write(
+            tmp_path,
+            delimiter.join([b"product_id", b"department_id", b"department", b"product_name"]) + b"\n",
+        )
+        with pytest.raises(InputFileError, match=f"separated by {word}"):
+            read_layout(path, PRODUCTS, path.name)
+
+
+def test_header_names_differing_only_in_case_are_matched_and_noted(tmp_path: Path) -> None:
+    layout, records, _ = read(write(tmp_path, b"Product_ID,DEPARTMENT_ID,department,product_name\n1,2,B,A\n"))
+    assert layout.missing == [] and layout.matched_by_case == {
+        "Product_ID": "product_id",
+        "DEPARTMENT_ID": "department_id",
+    }
+    assert records.select(PRODUCTS.column_names).rows() == [("1", "2", "B", "A")]
+    path = write(tmp_path, b"product_id,PRODUCT_ID,department_id,department,product_name\n")
+    with pytest.raises(InputFileError, match="names column 'product_id' twice"):
+        read_layout(path, PRODUCTS, path.name)
+
+
+def test_a_very_wide_header_keeps_a_bounded_note_and_only_the_table_columns(tmp_path: Path) -> None:
+    extra = b",".join(b"x%d" % i for i in range(5000))
+    path = write(tmp_path, b"product_id,department_id,department,product_name," + extra + b"\n1,2,B,A\n")
+    layout, records, malformed = read(path)
+    assert layout.extra_count == 5000 and layout.extra == [f"x{i}" for i in range(10)]
+    assert records.height == 0 and malformed.get_column(SOURCE_LINE).to_list() == [2]
+    assert set(records.columns) == {*PRODUCTS.column_names, "_source_file", SOURCE_LINE}
+
+
+def test_a_file_changed_while_read_is_refused_at_the_end(tmp_path: Path) -> None:
+    import hashlib
+
+    content = b"product_id,department_id,department,product_name\n1,2,B,A\n"
+    path = write(tmp_path, content)
+    layout = read_layout(path, PRODUCTS, path.name)
+    assert layout is not None
+    assert list(
+        read_chunks(path, PRODUCTS, path.name, layout, expected_digest=hashlib.sha256(content).hexdigest())
+    )
+    with pytest.raises(InputFileError, match="changed while it was read"):
+        list(read_chunks(path, PRODUCTS, path.name, layout, expected_digest="0" * 64))
 
 
 def test_empty_file_has_no_layout(tmp_path: Path) -> None:
     assert read_layout(write(tmp_path, b""), PRODUCTS, "empty.csv") is None
-
-
-def test_header_only_file_has_no_rows(tmp_path: Path) -> None:
-    _, records, malformed = read(write(tmp_path, b"product_id,department_id,department,product_name\n"))
-    assert records.height == 0 and malformed.height == 0
 
 
 def test_duplicate_header_column_is_a_clear_error(tmp_path: Path) -> None:
@@ -209,7 +316,7 @@ def test_a_record_that_does_not_split_into_the_header_fields_is_not_cut_out(tmp_
 def test_line_offsets_hold_across_scan_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.reader as reader_module
 
-    monkeypatch.setattr(reader_module, "_SCAN_BLOCK", 64)
+    monkeypatch.setattr(reader_module, "BLOCK_SIZE", 64)
     lines = ["product_id,department_id,department,product_name"]
     lines += [f"{i},1,Books,Product {i}" for i in range(1, 500)]
     path = write(tmp_path, ("\n".join(lines) + "\n").encode())

@@ -129,10 +129,17 @@ def test_timestamp_accepted_forms(value: str) -> None:
         "2025-04-01T11:27:00+02:00",  # only UTC offsets are accepted
         "01/04/2025 11:27:00",
         "yesterday",
+        "0000-01-01T00:00:00",  # year 0 parses, but no Delta reader can store it
+        "0000-12-31 23:59:59Z",
     ],
 )
 def test_invalid_timestamp(value: str) -> None:
     assert reasons_of(ORDERS, valid_order(order_timestamp=value)) == ["invalid:order_timestamp"]
+
+
+def test_the_first_and_last_years_are_valid() -> None:
+    for stamp, day in (("0001-01-01T00:00:00", "0001-01-01"), ("9999-12-31 23:59:59.999999Z", "9999-12-31")):
+        assert reasons_of(ORDERS, valid_order(order_timestamp=stamp, date=day)) == []
 
 
 def test_fractional_timestamp_keeps_microseconds() -> None:
@@ -142,7 +149,9 @@ def test_fractional_timestamp_keeps_microseconds() -> None:
     assert checked.get_column("typed__order_timestamp").dt.microsecond().to_list() == [123]
 
 
-@pytest.mark.parametrize("value", ["2025-02-30", "2025-13-01", "2025-4-1", "20250401", "2025-04-01T00:00:00"])
+@pytest.mark.parametrize(
+    "value", ["2025-02-30", "2025-13-01", "2025-4-1", "20250401", "2025-04-01T00:00:00", "0000-01-01"]
+)
 def test_invalid_date(value: str) -> None:
     assert reasons_of(ORDERS, valid_order(date=value)) == ["invalid:date"]
 
