@@ -34,6 +34,9 @@ T = TypeVar("T")
 
 # Large blocks amortise per-block work; one block is the unit of memory for the raw text.
 BLOCK_SIZE = 32 << 20
+# pyarrow parses a window in blocks of this size: faster than one block per window (0.11-0.12 s vs
+# 0.18-0.24 s for 32 MiB of order items).
+PARSE_BLOCK = 1 << 20
 # Extra header names a note lists; a header may hold millions of them.
 EXTRA_NAMES_NOTED = 10
 # Before pyarrow 25 a cast to string_view whose values are all inline leaves a null buffer slot that
@@ -179,7 +182,7 @@ def read_chunks(
     """
     stats = stats if stats is not None else ReadStats()
     with path.open("rb") as handle:
-        stream = RecordStream(handle, block_size=block_size)
+        stream = RecordStream(handle, block_size=block_size, hashed=expected_digest is not None)
         header_seen = False
         for item in stream:
             if not header_seen:
@@ -245,9 +248,7 @@ def _parse_fields(
         invalid.append(row.number - 1)
         return "skip"
 
-    options = _csv_options(
-        layout, spec, block_size=max(len(data) + 1, 1 << 20), on_invalid_row=on_invalid_row
-    )
+    options = _csv_options(layout, spec, block_size=PARSE_BLOCK, on_invalid_row=on_invalid_row)
     table = pacsv.read_csv(pa.BufferReader(pa.py_buffer(data)), **options)
     return table, invalid
 
@@ -349,7 +350,7 @@ def _check_utf8(span: Span, first: int, last: int, source: str, layout: FileLayo
         return
     except UnicodeDecodeError as error:
         at = span.base + first + error.start
-        bad = span.data[first + error.start : first + error.end]
+        bad = bytes(span.data[first + error.start : first + error.end])
     index = int(np.searchsorted(span.starts, at, side="right")) - 1
     start = int(span.starts[index])
     before = span.data[start - span.base : at - span.base]
@@ -376,10 +377,10 @@ def records_at_lines(
     with path.open("rb") as handle:
         for item in RecordStream(handle, block_size=BLOCK_SIZE):
             if isinstance(item, LongRecord):
-                if np.isin(item.line, wanted):
+                if _among(np.array([item.line]), wanted).any():
                     return None
                 continue
-            hit = np.flatnonzero(np.isin(item.lines, wanted))
+            hit = np.flatnonzero(_among(item.lines, wanted))
             texts += [item.text(int(i)) for i in hit]
             found.append(item.lines[hit])
     at = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
@@ -393,6 +394,12 @@ def records_at_lines(
     if invalid or table.num_rows != len(texts):
         return None
     return _shaped(pl.DataFrame(table), spec, layout, source, wanted)
+
+
+def _among(values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Whether each of ``values`` is in the sorted ``wanted`` (a binary search; ``np.isin`` sorts both)."""
+    at = np.minimum(np.searchsorted(wanted, values), wanted.size - 1)
+    return wanted[at] == values
 
 
 def prefetched(

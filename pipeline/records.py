@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import BinaryIO, Union
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 
@@ -55,7 +55,9 @@ class Breaks:
     ends_record: np.ndarray
 
 
-def scan_window(buffer: bytes, start: int, end: int, base: int, state: ScanState, *, at_eof: bool) -> Breaks:
+def scan_window(
+    buffer: bytes | bytearray, start: int, end: int, base: int, state: ScanState, *, at_eof: bool
+) -> Breaks:
     """The line breaks of ``buffer[start:end]`` (``buffer`` is at offset ``base``); moves ``state`` past it.
 
     The window must not end with a quote or a CR unless the file ends there: what follows them
@@ -88,21 +90,62 @@ def scan_window(buffer: bytes, start: int, end: int, base: int, state: ScanState
 
 
 def _outside_quotes(
-    buffer: bytes, start: int, data: np.ndarray, positions: np.ndarray, state: ScanState, *, at_eof: bool
+    buffer: bytes | bytearray,
+    start: int,
+    data: np.ndarray,
+    positions: np.ndarray,
+    state: ScanState,
+    *,
+    at_eof: bool,
 ) -> np.ndarray:
     """Which line breaks at ``positions`` are outside quoted fields; moves ``state`` past the window."""
-    quotes = np.flatnonzero(data == QUOTE)
+    quotes = _quote_positions(buffer, start, data)
     parity = int(state.in_quote)
     if _well_formed_quotes(data, quotes, parity, state.prev, at_eof=at_eof):
-        before = np.searchsorted(quotes, positions)
-        state.in_quote = bool((quotes.size + parity) % 2)
-        return (before + parity) % 2 == 0
-    opens, closes = _quoted_spans(buffer, start, data.size, quotes.tolist(), state)
-    if not opens.size:
+        # Quotes pair up in order: each pair is a quoted field (a "" inside one is a pair of its own,
+        # which closes and reopens it at once and holds no line break).
+        bounds = np.concatenate(([-1] if parity else [], quotes)).astype(np.int64)
+        state.in_quote = bool(bounds.size % 2)
+        if state.in_quote:
+            bounds = np.append(bounds, data.size + 1)
+        opens, closes = bounds[0::2], bounds[1::2]
+    else:
+        opens, closes = _quoted_spans(buffer, start, data.size, quotes.tolist(), state)
+    return _outside(positions, opens, closes)
+
+
+_FEW_QUOTES = 4096
+
+
+def _quote_positions(buffer: bytes | bytearray, start: int, data: np.ndarray) -> np.ndarray:
+    """The offsets (within the window) of its quotes.
+
+    Most windows hold few: finding them one by one is 7x cheaper than comparing every byte (3 ms
+    vs 23 ms per 32 MiB with a thousand quotes); past a few thousand the array scan takes over.
+    """
+    end = start + data.size
+    found: list[int] = []
+    at = buffer.find(b'"', start, end)
+    while at >= 0 and len(found) < _FEW_QUOTES:
+        found.append(at - start)
+        at = buffer.find(b'"', at + 1, end)
+    if at < 0:
+        return np.array(found, dtype=np.int64)
+    rest = np.flatnonzero(data[at - start :] == QUOTE) + (at - start)
+    return np.concatenate((np.array(found, dtype=np.int64), rest))
+
+
+def _outside(positions: np.ndarray, opens: np.ndarray, closes: np.ndarray) -> np.ndarray:
+    """Which of the sorted ``positions`` lie outside every (open, close) span (disjoint, in order)."""
+    first = np.searchsorted(positions, opens, side="right")
+    stop = np.searchsorted(positions, closes, side="left")
+    holding = stop > first
+    if not holding.any():
         return np.ones(positions.size, dtype=bool)
-    last_open = np.searchsorted(opens, positions, side="right") - 1
-    inside = (last_open >= 0) & (positions < closes[np.maximum(last_open, 0)])
-    return ~inside
+    depth = np.zeros(positions.size + 1, dtype=np.int64)
+    np.add.at(depth, first[holding], 1)
+    np.add.at(depth, stop[holding], -1)
+    return np.cumsum(depth[:-1]) == 0
 
 
 def _well_formed_quotes(
@@ -127,7 +170,7 @@ def _well_formed_quotes(
 
 
 def _quoted_spans(
-    buffer: bytes, start: int, size: int, quotes: list[int], state: ScanState
+    buffer: bytes | bytearray, start: int, size: int, quotes: list[int], state: ScanState
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quoted fields as (open, close) offsets within the window, following each quote in order.
 
@@ -166,7 +209,7 @@ class Span:
     Only non-empty records are listed; the empty lines among them are counted in ``empty_lines``.
     """
 
-    data: bytes
+    data: bytearray
     base: int
     starts: np.ndarray
     ends: np.ndarray
@@ -174,7 +217,7 @@ class Span:
     empty_lines: int
 
     def text(self, index: int) -> bytes:
-        return self.data[int(self.starts[index]) - self.base : int(self.ends[index]) - self.base]
+        return bytes(self.data[int(self.starts[index]) - self.base : int(self.ends[index]) - self.base])
 
 
 @dataclass
@@ -197,42 +240,40 @@ Item = Union[Span, LongRecord]
 class RecordStream:
     """The records of one file, window by window, as ``Span`` and ``LongRecord`` items.
 
+    One buffer is reused for every window (fresh 32 MiB allocations cost more in page faults than
+    the scan itself): a ``Span`` is valid only until the next item is asked for.
+
     Attributes:
+        hashed: compute ``digest``, the SHA-256 of every byte read, set once the whole file is read.
         empty_lines: the empty lines passed so far (before, between and after records).
-        digest: the SHA-256 of every byte read, set once the whole file is read.
     """
 
     handle: BinaryIO
     block_size: int = 32 << 20
+    hashed: bool = False
     empty_lines: int = 0
     digest: str | None = None
-    _hash: hashlib._Hash = field(default_factory=hashlib.sha256)
-
-    def _read(self) -> bytes:
-        chunk = self.handle.read(self.block_size)
-        self._hash.update(chunk)
-        return chunk
 
     def __iter__(self) -> Iterator[Item]:
+        hasher = hashlib.sha256() if self.hashed else None
+        reader = _Buffer(self.handle, self.block_size, hasher)
+        at_eof = False
+        while not at_eof and reader.size < len(BOM) and BOM.startswith(reader.data[: reader.size]):
+            at_eof = not reader.fill()
         state = ScanState()
-        buffer = self._read()
-        at_eof = not buffer
-        while not at_eof and len(buffer) < len(BOM) and BOM.startswith(buffer):
-            more = self._read()
-            at_eof = not more
-            buffer += more
-        # buffer[0] is at offset `base`; line breaks are known up to `scanned`.
-        base = scanned = record_start = len(BOM) if buffer.startswith(BOM) else 0
-        buffer = buffer[base:]
+        # data[0] is at offset `base`; line breaks are known up to `scanned`.
+        base = scanned = record_start = len(BOM) if reader.data[: min(reader.size, len(BOM))] == BOM else 0
+        reader.drop(base)
         line = record_line = 1  # the line at `scanned`, and the one where the current record starts
         long_record: LongRecord | None = None
         while True:
-            end = base + len(buffer)
+            data = reader.data
+            end = base + reader.size
             if not at_eof:
                 # A trailing quote or CR means what the next byte says: it is scanned with the next read.
-                while end > scanned and buffer[end - base - 1] in (QUOTE, CR):
+                while end > scanned and data[end - base - 1] in (QUOTE, CR):
                     end -= 1
-            breaks = scan_window(buffer, scanned - base, end - base, base, state, at_eof=at_eof)
+            breaks = scan_window(data, scanned - base, end - base, base, state, at_eof=at_eof)
             ends = np.flatnonzero(breaks.ends_record)
             if ends.size:
                 starts = np.concatenate(([record_start], breaks.next_starts[ends[:-1]]))
@@ -244,9 +285,10 @@ class RecordStream:
                     long_record = None
                     starts, lines, text_ends = starts[1:], lines[1:], text_ends[1:]
                 if starts.size:
-                    span = self._span(buffer, base, starts, text_ends, lines)
+                    span = self._span(data, base, starts, text_ends, lines)
                     if span.starts.size:
                         yield span
+                    del span
                 record_start = int(breaks.next_starts[ends[-1]])
                 record_line = line + int(ends[-1]) + 1
             line += breaks.next_starts.size
@@ -255,40 +297,78 @@ class RecordStream:
                 break
             # Keep the current record's bytes and what is not scanned yet; of a long record, its first part.
             if long_record is None and scanned - record_start > MAX_RECORD_BYTES:
-                text = buffer[record_start - base : record_start - base + RAW_LIMIT]
+                text = reader.kept(record_start - base, RAW_LIMIT)
                 long_record = LongRecord(record_line, text, 0, open_quote=False)
+            del data
             keep_from = scanned if long_record is not None else record_start
-            if keep_from > base:
-                buffer = buffer[keep_from - base :]
-                base = keep_from
-            chunk = self._read()
-            at_eof = not chunk
-            buffer = buffer + chunk if buffer else chunk
-        self.digest = self._hash.hexdigest()
+            reader.drop(keep_from - base)
+            base = keep_from
+            at_eof = not reader.fill()
+        self.digest = hasher.hexdigest() if hasher is not None else None
         if long_record is not None:
             long_record.size = scanned - record_start
             long_record.open_quote = state.in_quote
             yield long_record
         elif scanned > record_start:
+            data = reader.data
             if state.in_quote:
-                text = buffer[record_start - base : record_start - base + RAW_LIMIT]
+                text = reader.kept(record_start - base, RAW_LIMIT)
                 yield LongRecord(record_line, text, scanned - record_start, open_quote=True)
             else:
                 # The last record, with no line break after it.
-                span = self._span(
-                    buffer, base, np.array([record_start]), np.array([scanned]), np.array([record_line])
-                )
+                one = np.array([record_start])
+                span = self._span(data, base, one, np.array([scanned]), np.array([record_line]))
                 if span.starts.size:
                     yield span
 
     def _span(
-        self, buffer: bytes, base: int, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray
+        self, data: bytearray, base: int, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray
     ) -> Span:
         empty = starts == ends
         count = int(empty.sum())
         if count:
             self.empty_lines += count
             starts, ends, lines = starts[~empty], ends[~empty], lines[~empty]
-        return Span(
-            buffer, base, starts.astype(np.int64), ends.astype(np.int64), lines.astype(np.int64), count
-        )
+        as_int = np.int64
+        return Span(data, base, starts.astype(as_int), ends.astype(as_int), lines.astype(as_int), count)
+
+
+class _Buffer:
+    """A file read block by block into one reusable buffer; ``data[:size]`` are the bytes kept."""
+
+    def __init__(self, handle: BinaryIO, block_size: int, hasher: Any) -> None:
+        self.handle = handle
+        self.block_size = block_size
+        self.hasher = hasher
+        self.data = bytearray(block_size)
+        self.size = 0
+        self.fill()
+
+    def fill(self) -> int:
+        """Read the next block after the kept bytes; the number of bytes read (0: end of file)."""
+        if len(self.data) - self.size < self.block_size:
+            grown = self.size + self.block_size
+            try:
+                self.data.extend(bytes(grown - len(self.data)))
+            except BufferError:  # something still looks into the old buffer: leave it be
+                fresh = bytearray(grown)
+                fresh[: self.size] = self.data[: self.size]
+                self.data = fresh
+        with memoryview(self.data) as view:
+            read = self.handle.readinto(view[self.size : self.size + self.block_size]) or 0  # type: ignore[attr-defined]
+            if self.hasher is not None:
+                self.hasher.update(view[self.size : self.size + read])
+        self.size += read
+        return read
+
+    def kept(self, start: int, limit: int) -> bytes:
+        """At most ``limit`` of the kept bytes from ``start`` on."""
+        return bytes(self.data[start : min(start + limit, self.size)])
+
+    def drop(self, count: int) -> None:
+        """Forget the first ``count`` kept bytes."""
+        if count <= 0:
+            return
+        kept = self.size - count
+        self.data[:kept] = self.data[count : self.size]
+        self.size = kept
