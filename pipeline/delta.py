@@ -12,8 +12,8 @@ from typing import Any, Callable, TypeVar
 
 import polars as pl
 import pyarrow as pa
-from deltalake import DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from pipeline.errors import CommitConflictError
 from pipeline.settings import load_settings
@@ -159,15 +159,16 @@ def _merge_rows_once(
     table = open_table(uri)
     try:
         if table is None:
-            write_deltalake(
+            created = _create_table(
                 uri,
                 _arrow_stream(rows, spec, keep),
-                mode="append",
                 partition_by=[spec.partition_by],
-                storage_options=_options(),
                 writer_properties=WriterProperties(max_row_group_size=ROW_GROUP_ROWS),
             )
-            return MergeResult(count, 0, table_version(uri))
+            if created:
+                return MergeResult(count, 0, table_version(uri))
+            table = open_table(uri)
+            assert table is not None
 
         key, part = spec.primary_key, spec.partition_by
         kept = rows if keep is None else rows.select(key, part).filter(keep)
@@ -200,6 +201,34 @@ def _merge_rows_once(
         int(metrics.get("num_target_rows_updated", 0)),
         table_version(uri),
     )
+
+
+def _create_table(uri: str, data: Any, *, partition_by: list[str], **options: Any) -> bool:
+    """Write the first version of a table; False when another writer created it first.
+
+    A first write must conflict like every later one: delta-rs retries a lost race for version 0
+    as version 1 without any conflict check (a plain append then doubles the table when a retried
+    task races its first attempt). With no retries, the loser fails instead and the caller MERGEs
+    (or replaces its batch) into the table the winner made, which conflicts as usual.
+    """
+    try:
+        write_deltalake(
+            uri,
+            data,
+            mode="error",
+            partition_by=partition_by,
+            storage_options=_options(),
+            commit_properties=CommitProperties(max_commit_retries=0),
+            **options,
+        )
+        return True
+    except CommitFailedError:
+        return False
+    except DeltaError:
+        # "A table already exists": the race was lost before the commit (a plain DeltaError).
+        if open_table(uri) is None:
+            raise
+        return False
 
 
 def _partitions_of_keys(table: DeltaTable, spec: TableSpec, keys: pl.Series) -> list[Any]:
@@ -245,19 +274,16 @@ def _replace_batch_rows_once(uri: str, rows: pl.DataFrame, *, batch_column: str,
         # The batch's inputs are pinned by its manifest, so an earlier attempt rejected nothing either.
         return None if table is None else table.version()
     try:
-        if table is None:
-            write_deltalake(
-                uri, rows.to_arrow(), mode="append", partition_by=[batch_column], storage_options=_options()
-            )
-        else:
-            write_deltalake(
-                uri,
-                rows.to_arrow(),
-                mode="overwrite",
-                predicate=f"{batch_column} = {_literal(batch_id)}",
-                partition_by=[batch_column],
-                storage_options=_options(),
-            )
+        if table is None and _create_table(uri, rows.to_arrow(), partition_by=[batch_column]):
+            return table_version(uri)
+        write_deltalake(
+            uri,
+            rows.to_arrow(),
+            mode="overwrite",
+            predicate=f"{batch_column} = {_literal(batch_id)}",
+            partition_by=[batch_column],
+            storage_options=_options(),
+        )
     except CommitFailedError as error:
         raise CommitConflictError(
             f"another writer committed to {uri} first; retry the step ({error})"

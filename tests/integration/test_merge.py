@@ -217,3 +217,23 @@ def test_only_the_kept_rows_are_merged(tmp_path: Path) -> None:
     result = delta.merge_rows(uri, rows, ORDERS, keep=pl.Series([False, True, False]))
     assert (result.inserted, result.updated) == (1, 0)
     assert read(uri).get_column("order_id").to_list() == [1, 2, 3]
+
+
+def test_a_first_write_that_finds_the_table_created_meanwhile_merges_into_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer saw no table, another writer created it before this one wrote: no row twice."""
+    uri = str(tmp_path / "orders")
+    rows = orders((1, "2025-04-01T10:00:00", 1.0), (2, "2025-04-02T10:00:00", 2.0))
+    delta.merge_rows(uri, rows, ORDERS)
+    real_open = delta.open_table
+    calls = {"n": 0}
+
+    def missing_once(table_uri: str) -> DeltaTable | None:
+        calls["n"] += 1
+        return None if calls["n"] == 1 else real_open(table_uri)
+
+    monkeypatch.setattr(delta, "open_table", missing_once)
+    result = delta.merge_rows(uri, rows, ORDERS)
+    assert (result.inserted, result.updated) == (0, 0)
+    assert pl.read_delta(uri).height == 2
