@@ -33,22 +33,37 @@ def _root_prefix() -> str:
     return _root()[len("s3://") :].partition("/")[2]
 
 
-def start_execution(manifest: Manifest, resumed: bool) -> None:
-    """Start the state machine for ``manifest``; the execution is named after the batch."""
+def start_execution(manifest: Manifest, name: str) -> None:
+    """Start the state machine for ``manifest`` as execution ``name``."""
     stepfunctions = boto3.client("stepfunctions")
-    # A resumed batch already used its own name once; execution names stay taken for 90 days.
-    name = f"{manifest.batch_id}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}" if resumed else manifest.batch_id
     payload = {"root": _root(), "batch_id": manifest.batch_id, "manifest": manifest.key}
     try:
         stepfunctions.start_execution(
             stateMachineArn=os.environ["STATE_MACHINE_ARN"], name=name, input=json.dumps(payload)
         )
     except stepfunctions.exceptions.ExecutionAlreadyExists:
-        logger.info("execution already started", extra={"execution": name})
+        # Only a running execution of this very batch makes that harmless; anything else would leave
+        # the lock with a batch that nothing runs.
+        if execution_alive({"execution": name}) is not True:
+            raise
+        logger.info("execution already running", extra={"execution": name})
         return
-    logger.info(
-        "execution started", extra={"execution": name, "batch_id": manifest.batch_id, "resumed": resumed}
-    )
+    logger.info("execution started", extra={"execution": name, "batch_id": manifest.batch_id})
+
+
+def execution_alive(holder: dict[str, Any]) -> bool | None:
+    """Whether the execution a lock names still runs (None: the lock names none, or it cannot be told)."""
+    name = holder.get("execution")
+    if not name:
+        return None
+    stepfunctions = boto3.client("stepfunctions")
+    arn = os.environ["STATE_MACHINE_ARN"].replace(":stateMachine:", ":execution:") + f":{name}"
+    try:
+        status = stepfunctions.describe_execution(executionArn=arn)["status"]
+    except stepfunctions.exceptions.ExecutionDoesNotExist:
+        # Handed over but not started yet, or never started: the lease decides.
+        return None
+    return bool(status == "RUNNING")
 
 
 def record_handler(record: SQSRecord) -> None:
@@ -61,7 +76,9 @@ def record_handler(record: SQSRecord) -> None:
     if not any(is_raw_csv(key, _root_prefix()) for key in keys):
         logger.info("no raw CSV in this event", extra={"keys": keys})
         return
-    started = start_ready_batch(open_store(_root()), start_execution, datetime.now(timezone.utc))
+    started = start_ready_batch(
+        open_store(_root()), start_execution, datetime.now(timezone.utc), alive=execution_alive
+    )
     if started is None:
         logger.info("no batch started: a batch is in progress or a dataset has no CSV yet")
 

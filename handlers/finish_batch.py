@@ -15,9 +15,9 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from handlers.check_data_availability import start_execution
+from handlers.check_data_availability import execution_alive, start_execution
 from pipeline.lock import release_lock
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, record_loaded
 from pipeline.report import BatchReport, load_step_report, report_key
 from pipeline.specs import TABLES
 from pipeline.storage import Store, open_store
@@ -50,6 +50,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
         archived_files=sum(len(entries) for entries in manifest.files.values()),
         table_counts=_counts(event.get("counts", [])),
     )
+    record_loaded(store, manifest, now)
     store.write_bytes(report_key(manifest.batch_id), report.to_json())
     lines = [f"Batch {report.batch_id} succeeded."]
     for step in report.steps:
@@ -80,7 +81,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     release_lock(store, event["batch_id"])
     if succeeded:
         # Files that landed while this batch ran start the next one now (their events found the lock).
-        following = start_ready_batch(store, start_execution, now)
+        following = start_ready_batch(store, start_execution, now, alive=execution_alive)
         result["next_batch"] = following.batch_id if following else None
     logger.info(
         "batch finished", extra={"status": event.get("status"), "next_batch": result.get("next_batch")}

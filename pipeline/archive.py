@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from pipeline.errors import InputFileError
-from pipeline.manifest import Manifest, archived_key
+from pipeline.manifest import Manifest, archived_key, same_content
 from pipeline.storage import Store
 
 
@@ -34,7 +34,7 @@ def archive_batch(store: Store, manifest: Manifest, *, progress: Callable[[str],
                     )
                 moved += 1
                 continue
-            if source.size != entry.size or source.version != entry.version:
+            if not same_content(store, entry):
                 raise InputFileError(
                     f"{store.uri(entry.key)} changed after batch {manifest.batch_id} was snapshotted; "
                     "it was not archived, since the batch did not process this content"

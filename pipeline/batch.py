@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -17,18 +18,22 @@ from pipeline import delta
 from pipeline.archive import archive_batch
 from pipeline.dedup import ORDER, survivor_mask, typed
 from pipeline.errors import (
+    BatchLockedError,
     CheckFailedError,
     InputFileError,
     LakehouseError,
     StepError,
+    UsageError,
 )
-from pipeline.lock import batch_lock
+from pipeline.lock import Lock, batch_lock
 from pipeline.manifest import (
-    MANIFESTS,
     Manifest,
     ManifestFile,
     archived_key,
+    forget_loaded,
     new_batch_id,
+    read_manifest,
+    record_loaded,
     snapshot,
     unfinished_manifests,
 )
@@ -47,9 +52,11 @@ from pipeline.reader import (
 from pipeline.report import (
     BatchReport,
     StepReport,
+    load_report,
     load_step_report,
     report_key,
     save_step_report,
+    step_report_key,
 )
 from pipeline.specs import TABLES, TableSpec
 from pipeline.storage import Store
@@ -75,20 +82,33 @@ def rejected_uri(store: Store, table: str) -> str:
 
 
 def _locate(store: Store, table: str, batch_id: str, entry: ManifestFile) -> str:
-    """The key holding a manifest file now: in ``raw/`` or, after a partial archive, ``archived/``."""
+    """The key holding a manifest file now: in ``raw/`` or, after a partial archive, ``archived/``.
+
+    A file whose size or ETag differs is refused at once; a local file's content is checked as it is
+    read (its digest), so a file only touched since the snapshot is read as usual.
+    """
     info = store.stat(entry.key)
     if info is not None:
-        if info.size != entry.size or info.version != entry.version:
+        hashed_locally = entry.content.startswith("sha256:")
+        if info.size != entry.size or (not hashed_locally and info.version != entry.version):
             raise InputFileError(
                 f"{store.uri(entry.key)} changed after batch {batch_id} was snapshotted "
-                f"(size {entry.size} -> {info.size}); put back the original or delete "
-                f"{store.uri(f'{MANIFESTS}/{batch_id}.json')} to start a new batch"
+                f"(size {entry.size} -> {info.size}); put back the original, or give the batch up with "
+                f"`lakehouse abandon {batch_id}` and run again"
             )
         return entry.key
     moved = archived_key(table, batch_id, entry.key)
     if store.stat(moved) is not None:
         return moved
-    raise InputFileError(f"{store.uri(entry.key)} of batch {batch_id} is gone (not in raw/ nor archived/)")
+    raise InputFileError(
+        f"{store.uri(entry.key)} of batch {batch_id} is gone (not in raw/ nor archived/); put it back, or "
+        f"give the batch up with `lakehouse abandon {batch_id}`"
+    )
+
+
+def _expected_digest(entry: ManifestFile) -> str | None:
+    """The SHA-256 a local file's bytes must have (S3 copies are fetched by ETag instead)."""
+    return entry.content[len("sha256:") :] if entry.content.startswith("sha256:") else None
 
 
 def _rejected_rows(frame: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
@@ -119,7 +139,10 @@ def _order_of(file_index: int) -> pl.Expr:
 
 
 def _original_text(
-    late: pl.DataFrame, sources: list[tuple[str, Path, FileLayout]], spec: TableSpec
+    late: pl.DataFrame,
+    sources: list[tuple[str, Path, FileLayout]],
+    spec: TableSpec,
+    digests: list[str | None],
 ) -> pl.DataFrame:
     """Rows rejected after parsing (duplicates, orphans) with their original text, from their files.
 
@@ -142,7 +165,7 @@ def _original_text(
             texts = pl.concat(
                 [
                     chunk.records.filter(pl.col(SOURCE_LINE).is_in(lines.implode()))
-                    for chunk in read_chunks(path, spec, source, layout)
+                    for chunk in read_chunks(path, spec, source, layout, expected_digest=digests[file_index])
                 ]
             )
         return wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left")
@@ -200,13 +223,18 @@ def run_step(
     empty_files: list[str] = []
     notes: list[str] = []
     sources: list[tuple[str, Path, FileLayout]] = []
+    digests: list[str | None] = []
     stats: dict[int, ReadStats] = {}
+    skipped = {entry.key: entry.loaded_by for entry in manifest.files[spec.name] if entry.loaded_by}
     rows_in = 0
 
     with ExitStack() as local_copies:
         for entry in manifest.files[spec.name]:
+            if entry.loaded_by:
+                continue
             key = _locate(store, spec.name, batch_id, entry)
-            path = local_copies.enter_context(store.local_path(key))
+            path = local_copies.enter_context(store.local_path(key, entry.content or None))
+            digests.append(_expected_digest(entry))
             layout = read_layout(path, spec, entry.key)
             if layout is None:
                 empty_files.append(entry.key)
@@ -221,7 +249,9 @@ def run_step(
         streams = []
         for index, (name, path, layout) in readable:
             stats[index] = ReadStats()
-            streams.append(read_chunks(path, spec, name, layout, stats=stats[index]))
+            streams.append(
+                read_chunks(path, spec, name, layout, stats=stats[index], expected_digest=digests[index])
+            )
         # Chunks of two files interleave; a row's place in the batch is its _order (file, line).
         for stream_index, chunk in prefetched(streams):
             file_index = readable[stream_index][0]
@@ -288,7 +318,7 @@ def run_step(
             if late.height:
                 progress(f"{spec.name}: taking the original text of {late.height:,} rows rejected late")
                 rejected_parts.append(
-                    _original_text(late.select(*typed_columns, ORDER, REASONS), sources, spec)
+                    _original_text(late.select(*typed_columns, ORDER, REASONS), sources, spec, digests)
                 )
             rejected_version, reasons = _write_rejected(
                 store, spec, batch_id, rejected_parts, now or datetime.now(timezone.utc), progress
@@ -312,6 +342,7 @@ def run_step(
         empty_files=empty_files,
         empty_lines=empty_lines,
         notes=notes,
+        skipped_files=skipped,
     )
 
 
@@ -398,22 +429,25 @@ def maintain_tables(
     return results
 
 
-def run_batch(store: Store, *, progress: Progress = _quiet, now: datetime | None = None) -> BatchReport:
+def run_batch(
+    store: Store, *, progress: Progress = _quiet, now: datetime | None = None, force: bool = False
+) -> BatchReport:
     """Process one batch: resume the unfinished one if there is one, else snapshot ``raw/``.
 
     Any failure raises with the step named; raw files stay in ``raw/`` until every step has
-    committed, and running again resumes the same batch.
+    committed, and running again resumes the same batch. Files whose content a succeeded batch
+    loaded already are skipped (and archived) unless ``force``.
     """
     started_at = now or datetime.now(timezone.utc)
     started = time.monotonic()
     batch_id = new_batch_id(started_at)
-    with batch_lock(store, batch_id):
+    with batch_lock(store, batch_id, notify=progress) as lock:
         pending = unfinished_manifests(store)
         if pending:
             manifest = pending[0]
             progress(f"resuming unfinished batch {manifest.batch_id}")
         else:
-            manifest = _guard("snapshot", lambda: snapshot(store, batch_id, started_at))
+            manifest = _guard("snapshot", lambda: snapshot(store, batch_id, started_at, force=force))
             store.write_bytes(manifest.key, manifest.to_json(), if_absent=True)
             progress(f"batch {manifest.batch_id}: {sum(len(f) for f in manifest.files.values())} files")
 
@@ -421,16 +455,20 @@ def run_batch(store: Store, *, progress: Progress = _quiet, now: datetime | None
         for spec in TABLES.values():
             report = load_step_report(store, manifest.batch_id, spec.name)
             if report is None:
+                _still_held(lock)
                 report = _guard(spec.name, partial(run_step, store, manifest, spec, progress=progress))
                 save_step_report(store, manifest.batch_id, report)
             steps.append(report)
+        _still_held(lock)
         archived = _guard("archive", lambda: archive_batch(store, manifest, progress=progress))
         counts = _guard("checks", lambda: check_tables(store))
+        finished_at = datetime.now(timezone.utc)
+        _guard("load history", lambda: record_loaded(store, manifest, finished_at))
         batch_report = BatchReport(
             batch_id=manifest.batch_id,
             status="succeeded",
             started_at=started_at.isoformat(),
-            finished_at=datetime.now(timezone.utc).isoformat(),
+            finished_at=finished_at.isoformat(),
             seconds=round(time.monotonic() - started, 3),
             steps=steps,
             archived_files=archived,
@@ -438,6 +476,57 @@ def run_batch(store: Store, *, progress: Progress = _quiet, now: datetime | None
         )
         store.write_bytes(report_key(manifest.batch_id), batch_report.to_json())
         return batch_report
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """What ``abandon_batch`` removed."""
+
+    batch_id: str
+    rejected_rows: dict[str, int]
+    step_reports: int
+    history_notes: int
+    raw_files: int
+
+
+def abandon_batch(store: Store, batch_id: str) -> Abandoned:
+    """Give up an unfinished batch: remove its rejected rows, step reports, load notes and manifest.
+
+    Its files stay where they are (``raw/``, or ``archived/`` after a partial archive) and the next
+    batch takes those in ``raw/``. Rows that its finished steps merged stay in the tables: they are
+    valid rows, and a next batch with the same files finds them unchanged. The manifest goes last, so
+    an abandon that fails part way can be run again.
+    """
+    with batch_lock(store, f"abandon {batch_id}"):
+        manifest = read_manifest(store, batch_id)
+        if load_report(store, manifest.batch_id) is not None:
+            raise UsageError(
+                f"batch {manifest.batch_id} succeeded; only an unfinished batch can be abandoned"
+            )
+        removed = {
+            table: delta.delete_batch_rows(
+                rejected_uri(store, table), batch_column="batch_id", batch_id=manifest.batch_id
+            )
+            for table in TABLES
+        }
+        reports = 0
+        for table in TABLES:
+            key = step_report_key(manifest.batch_id, table)
+            if store.stat(key) is not None:
+                store.delete(key)
+                reports += 1
+        notes = forget_loaded(store, manifest)
+        store.delete(manifest.key)
+        raw = sum(1 for entries in manifest.files.values() for entry in entries if store.stat(entry.key))
+        return Abandoned(manifest.batch_id, removed, reports, notes, raw)
+
+
+def _still_held(lock: Lock) -> None:
+    if lock.lost.is_set():
+        raise BatchLockedError(
+            f"this run lost the lock of {lock.store.root} (its lease ran out and another run took it over); "
+            "stopping before the next step"
+        )
 
 
 def _guard(step: str, action: Callable[[], T]) -> T:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.errors import LakehouseError, describe
@@ -85,14 +87,19 @@ def generate(
 
 
 @app.command()
-def run(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
+def run(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    force: bool = typer.Option(
+        False, "--force", help="Load files even if a succeeded batch loaded the same content already."
+    ),
+) -> None:
     """Process one batch: every CSV now in ROOT/raw/ (or resume the unfinished batch)."""
     from pipeline.batch import run_batch
     from pipeline.storage import open_store
 
     store = open_store(root)
     with console.status("starting") as status:
-        report = run_batch(store, progress=_progress(status))
+        report = run_batch(store, progress=_progress(status), force=force)
     _print_summary(report)
 
 
@@ -204,17 +211,41 @@ def bench(
 
 
 @app.command()
-def unlock(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
-    """Remove the batch lock left by a run that died."""
-    from pipeline.lock import LOCK_KEY
+def unlock(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    force: bool = typer.Option(False, "--force", help="Remove the lock even if its holder may still run."),
+) -> None:
+    """Remove the batch lock left by a run that died (a live holder's only with --force)."""
+    from pipeline.lock import unlock as remove_lock
     from pipeline.storage import open_store
 
     store = open_store(root)
-    if store.stat(LOCK_KEY) is None:
-        out.print(f"{store.root} is not locked")
+    holder = remove_lock(store, force=force)
+    if holder is None:
+        out.print(f"{store.root} is not locked", highlight=False)
         return
-    store.delete(LOCK_KEY)
-    out.print(f"removed the lock of {store.root}")
+    out.print(f"removed the lock of {store.root} (batch {holder.get('batch', '?')})", highlight=False)
+
+
+@app.command()
+def abandon(
+    batch_id: str = typer.Argument(..., help="The unfinished batch to give up (its id or manifest)."),
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+) -> None:
+    """Give up an unfinished batch: remove its manifest, rejected rows and step reports."""
+    from pipeline.batch import abandon_batch
+    from pipeline.storage import open_store
+
+    done = abandon_batch(open_store(root), batch_id)
+    rejected = ", ".join(f"{table} {count:,}" for table, count in done.rejected_rows.items())
+    out.print(
+        f"abandoned batch {done.batch_id}: removed its manifest, {done.step_reports} step report(s), "
+        f"{done.history_notes} load note(s) and its rejected rows ({rejected}); "
+        f"{done.raw_files} of its files are in raw/ for the next batch, and rows its finished steps "
+        "merged stay in the tables (the next batch finds them unchanged)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_steps(steps: list[StepReport]) -> None:
@@ -250,10 +281,19 @@ def _print_steps(steps: list[StepReport]) -> None:
     for s in steps:
         for reason, count in s.rejected_by_reason.items():
             reasons.add_row(s.table, reason, f"{count:,}")
-        for file, extra in s.extra_columns.items():
-            out.print(f"note: {file} has extra columns {', '.join(extra)} (ignored)")
+        for note in s.notes:
+            out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
         for file in s.empty_files:
-            out.print(f"note: {file} is empty")
+            out.print(f"note: {file} is empty", highlight=False, markup=False)
+        for file, count in s.empty_lines.items():
+            out.print(f"note: {file}: {count:,} empty line(s), not rows", highlight=False, markup=False)
+        for file, batch in s.skipped_files.items():
+            out.print(
+                f"note: {file} skipped: batch {batch} loaded this content already (--force loads it again)",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     if reasons.row_count:
         out.print(reasons)
 
@@ -267,21 +307,98 @@ def _print_summary(report: BatchReport) -> None:
     )
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C (locks released, downloads removed), then exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _native_output_aside() -> Callable[[bool], None]:
+    """Send what native libraries write to file descriptor 2 to a log file; Python's output stays.
+
+    delta-rs's worker threads panic by the dozen when a disk fills up (object_store's "Already shut
+    down"), each with a trace, after the error that matters was raised. Returns the function to call
+    at exit: it says where the log is if the command failed and the log holds anything.
+    """
+    import os
+    import tempfile
+
+    try:
+        if sys.stderr.fileno() != 2:
+            return lambda failed: None
+        kept = os.dup(2)
+    except (OSError, AttributeError, ValueError):  # no real stderr (captured, closed): leave it be
+        return lambda failed: None
+    original = sys.stderr
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(
+        os.dup(kept), "w", buffering=1, encoding=original.encoding, errors="backslashreplace"
+    )
+    fd, log = tempfile.mkstemp(prefix=f"lakehouse-native-{os.getpid()}-", suffix=".log")
+    os.dup2(fd, 2)
+    os.close(fd)
+
+    def finish(failed: bool) -> None:
+        sys.stderr.flush()
+        os.dup2(kept, 2)
+        os.close(kept)
+        sys.stderr.close()
+        sys.stderr = original
+        size = os.path.getsize(log) if os.path.exists(log) else 0
+        if failed and size:
+            console.print(f"(native library output of this run: {log})", highlight=False, markup=False)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(log)
+
+    return finish
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: errors become one clear sentence and a non-zero exit code."""
+    finish = _native_output_aside()
     try:
-        app(args=argv, standalone_mode=False)
+        _main(argv)
+    except SystemExit as leaving:
+        finish(leaving.code not in (0, None))
+        raise
+    except BaseException:
+        finish(True)
+        raise
+    finish(False)
+
+
+def _main(argv: list[str] | None) -> None:
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _on_signal)
+    try:
+        code = app(args=argv, standalone_mode=False)
     except LakehouseError as error:
         if _state["debug"]:
             raise
         # One line however long: logs (CloudWatch, CI) keep the sentence whole.
-        console.print(f"[red]error:[/red] {describe(error)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(describe(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as done:
         sys.exit(done.exit_code)
-    except typer.Abort:
-        console.print("aborted")
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("interrupted: the batch is unfinished; `lakehouse run` resumes it", highlight=False)
         sys.exit(130)
+    except Terminated as stop:
+        console.print(
+            f"stopped by signal {stop.signum}: the batch is unfinished; `lakehouse run` resumes it",
+            highlight=False,
+        )
+        sys.exit(128 + stop.signum)
     except Exception as error:  # the CLI promises one sentence, not a traceback
         import click
 
@@ -291,8 +408,13 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             raise
         console.print(
-            f"[red]error:[/red] {describe(error)} (run with --debug for the traceback)",
+            f"[red]error:[/red] {escape(describe(error))} (run with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(1)
+    # Without standalone mode, typer returns what it would have exited with (130 after Ctrl-C).
+    if isinstance(code, int) and code:
+        if code == 130:
+            console.print("interrupted: the batch is unfinished; `lakehouse run` resumes it", highlight=False)
+        sys.exit(code)

@@ -5,8 +5,10 @@ Tables are addressed by URI (a local path or ``s3://``); storage options come fr
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -15,7 +17,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from pipeline.errors import CommitConflictError
+from pipeline.errors import CommitConflictError, LakehouseError, StorageError
 from pipeline.settings import load_settings
 from pipeline.specs import TableSpec
 
@@ -35,6 +37,42 @@ class MergeResult:
     version: int | None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# What a user must hear of a delta-rs or object_store failure, found anywhere in its long message.
+_CAUSES = (
+    ("no space left on device", "no space left on device"),
+    ("os error 28", "no space left on device"),
+    ("permission denied", "permission denied"),
+    ("access denied", "access denied"),
+    ("timed out", "the storage endpoint did not answer in time"),
+    ("connection refused", "the storage endpoint refused the connection"),
+    ("dns error", "the storage endpoint's name does not resolve"),
+    ("nosuchbucket", "the bucket does not exist"),
+)
+
+
+def cause_of(error: BaseException) -> str:
+    """One line for a library error: the known cause it mentions, else its last meaningful line."""
+    text = _ANSI.sub("", str(error))
+    lowered = text.lower()
+    for needle, cause in _CAUSES:
+        if needle in lowered:
+            return cause
+    lines = [line.strip(" ↳-") for line in text.splitlines() if line.strip(" ↳-")]
+    return lines[-1] if lines else type(error).__name__
+
+
+@contextmanager
+def _failures(action: str, uri: str) -> Iterator[None]:
+    """Turn a storage failure inside delta-rs or Polars into one sentence naming the operation and path."""
+    try:
+        yield
+    except (LakehouseError, TableNotFoundError):
+        raise
+    except (DeltaError, OSError, pl.exceptions.PolarsError, pa.ArrowException) as error:
+        raise StorageError(f"cannot {action} {uri}: {cause_of(error)}") from error
+
+
 def _options() -> dict[str, str]:
     return load_settings().delta_storage_options()
 
@@ -42,7 +80,8 @@ def _options() -> dict[str, str]:
 def open_table(uri: str) -> DeltaTable | None:
     """The Delta table at ``uri``, or None when there is none yet."""
     try:
-        return DeltaTable(uri, storage_options=_options())
+        with _failures("open the table", uri):
+            return DeltaTable(uri, storage_options=_options())
     except TableNotFoundError:
         return None
 
@@ -131,9 +170,10 @@ def merge_rows(
     stored_partitions: Sequence[Any] | None = None,
 ) -> MergeResult:
     """MERGE rows into a table, retrying on commit conflicts; see ``_merge_rows_once``."""
-    return _retrying_commits(
-        lambda: _merge_rows_once(uri, rows, spec, keep=keep, stored_partitions=stored_partitions)
-    )
+    with _failures("merge into", uri):
+        return _retrying_commits(
+            lambda: _merge_rows_once(uri, rows, spec, keep=keep, stored_partitions=stored_partitions)
+        )
 
 
 def _merge_rows_once(
@@ -242,7 +282,8 @@ def stored_rows(uri: str, spec: TableSpec, keys: pl.Series, columns: Sequence[st
     table = open_table(uri)
     if table is None:
         return pl.DataFrame(schema={spec.primary_key: keys.dtype, **{c: pl.Null for c in columns}})
-    return _rows_of_keys(table, spec, keys, columns)
+    with _failures("read", uri):
+        return _rows_of_keys(table, spec, keys, columns)
 
 
 def _rows_of_keys(
@@ -259,9 +300,10 @@ def _rows_of_keys(
 
 def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:
     """Replace one batch's rows, retrying on commit conflicts; see ``_replace_batch_rows_once``."""
-    return _retrying_commits(
-        lambda: _replace_batch_rows_once(uri, rows, batch_column=batch_column, batch_id=batch_id)
-    )
+    with _failures("write", uri):
+        return _retrying_commits(
+            lambda: _replace_batch_rows_once(uri, rows, batch_column=batch_column, batch_id=batch_id)
+        )
 
 
 def _replace_batch_rows_once(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:
@@ -291,19 +333,33 @@ def _replace_batch_rows_once(uri: str, rows: pl.DataFrame, *, batch_column: str,
     return table_version(uri)
 
 
+def delete_batch_rows(uri: str, *, batch_column: str, batch_id: str) -> int:
+    """Delete one batch's rows from the table at ``uri``; the number deleted (0: no table)."""
+    table = open_table(uri)
+    if table is None:
+        return 0
+    try:
+        with _failures("delete rows of", uri):
+            metrics = table.delete(f"{batch_column} = {_literal(batch_id)}")
+    except CommitFailedError as error:
+        raise CommitConflictError(f"another writer committed to {uri} first; retry ({error})") from error
+    return int(metrics.get("num_deleted_rows", 0))
+
+
 def existing_values(uri: str, column: str, candidates: pl.Series) -> pl.Series:
     """The values among ``candidates`` that occur in ``column`` of the table at ``uri``."""
     table = open_table(uri)
     if table is None:
         return candidates.head(0)
-    return (
-        _scan_for_values(table, column, candidates)
-        .select(column)
-        .filter(pl.col(column).is_in(candidates.implode()))
-        .unique()
-        .collect()
-        .to_series()
-    )
+    with _failures("read", uri):
+        return (
+            _scan_for_values(table, column, candidates)
+            .select(column)
+            .filter(pl.col(column).is_in(candidates.implode()))
+            .unique()
+            .collect()
+            .to_series()
+        )
 
 
 def scan(uri: str) -> pl.LazyFrame | None:
@@ -352,7 +408,10 @@ def data_file_count(uri: str) -> int:
 def count_rows(uri: str) -> int:
     """The number of rows of the table at ``uri`` (0 when there is no table)."""
     lazy = scan(uri)
-    return 0 if lazy is None else int(lazy.select(pl.len()).collect().item())
+    if lazy is None:
+        return 0
+    with _failures("count the rows of", uri):
+        return int(lazy.select(pl.len()).collect().item())
 
 
 @dataclass(frozen=True)

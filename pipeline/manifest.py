@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
-from pipeline.errors import MissingDatasetError, UsageError
+from pipeline.errors import LakehouseError, MissingDatasetError, UsageError
 from pipeline.specs import TABLES
 from pipeline.storage import ObjectInfo, Store
 
@@ -17,11 +18,26 @@ REPORTS = "reports"
 
 @dataclass(frozen=True)
 class ManifestFile:
-    """One raw file of a batch, as it was when the batch was snapshotted."""
+    """One raw file of a batch, as it was when the batch was snapshotted.
+
+    Attributes:
+        key: its key under the root.
+        size: its size in bytes.
+        version: its mtime (local) or ETag (S3) then.
+        content: what identifies its content (``Store.content_id``): ``sha256:<hex>`` or ``etag:<ETag>``.
+        loaded_by: the succeeded batch that loaded this very content already (the file is skipped).
+    """
 
     key: str
     size: int
     version: str
+    content: str = ""
+    loaded_by: str | None = None
+
+    @property
+    def history_key(self) -> str:
+        """Where the load history notes that this content was loaded."""
+        return loaded_key(self.size, self.content)
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,13 @@ class Manifest:
             raise UsageError(f"{source} is not a batch manifest ({error})") from error
 
 
+LOADED = f"{MANIFESTS}/_loaded"
+
+
+def loaded_key(size: int, content: str) -> str:
+    return f"{LOADED}/{size}-{content.replace(':', '-')}.json"
+
+
 def manifest_key(batch_id: str) -> str:
     return f"{MANIFESTS}/{batch_id}.json"
 
@@ -72,23 +95,83 @@ def is_csv(info: ObjectInfo) -> bool:
     return name.lower().endswith(".csv") and not name.startswith(".")
 
 
-def snapshot(store: Store, batch_id: str, now: datetime) -> Manifest:
-    """List the CSV files now in ``raw/``; raise if a dataset has none."""
-    files = {
-        table: [
-            ManifestFile(info.key, info.size, info.version)
-            for info in store.list(raw_prefix(table))
-            if is_csv(info)
-        ]
-        for table in TABLES
-    }
-    missing = [table for table, found in files.items() if not found]
+def snapshot(store: Store, batch_id: str, now: datetime, *, force: bool = False) -> Manifest:
+    """List the CSV files now in ``raw/``; raise if a dataset has none.
+
+    Each file's content is identified (hashed locally, its ETag on S3); a content that a succeeded batch
+    loaded already is marked ``loaded_by`` that batch, and skipped, unless ``force``.
+    """
+    found = {table: [info for info in store.list(raw_prefix(table)) if is_csv(info)] for table in TABLES}
+    missing = [table for table, infos in found.items() if not infos]
     if missing:
         raise MissingDatasetError(
             f"no batch started: {', '.join(raw_prefix(t) for t in missing)} "
             f"{'has' if len(missing) == 1 else 'have'} no .csv file under {store.root}"
         )
+    infos = [info for table in TABLES for info in found[table]]
+    # Hashing releases the GIL: two files at a time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        contents = dict(zip((info.key for info in infos), pool.map(store.content_id, infos)))
+    files = {}
+    for table in TABLES:
+        entries = []
+        for info in found[table]:
+            entry = ManifestFile(info.key, info.size, info.version, contents[info.key])
+            if not force:
+                entry = replace(entry, loaded_by=loaded_by(store, entry))
+            entries.append(entry)
+        files[table] = entries
     return Manifest(batch_id=batch_id, created_at=now.isoformat(), files=files)
+
+
+def loaded_by(store: Store, entry: ManifestFile) -> str | None:
+    """The succeeded batch that loaded the content of ``entry`` (None: never loaded)."""
+    if store.stat(entry.history_key) is None:
+        return None
+    try:
+        return str(json.loads(store.read_bytes(entry.history_key))["batch_id"])
+    except (ValueError, KeyError, TypeError, LakehouseError):
+        return None
+
+
+def record_loaded(store: Store, manifest: Manifest, now: datetime) -> None:
+    """Note in the load history that every file this batch processed is loaded (its batch succeeded)."""
+    for entries in manifest.files.values():
+        for entry in entries:
+            if entry.loaded_by is not None or not entry.content:
+                continue
+            note = {
+                "batch_id": manifest.batch_id,
+                "key": entry.key,
+                "size": entry.size,
+                "content": entry.content,
+            }
+            note["loaded_at"] = now.isoformat()
+            store.write_bytes(entry.history_key, json.dumps(note, indent=2).encode())
+
+
+def forget_loaded(store: Store, manifest: Manifest) -> int:
+    """Remove the load history notes of ``manifest``'s batch; the number removed."""
+    removed = 0
+    for entries in manifest.files.values():
+        for entry in entries:
+            if entry.content and loaded_by(store, entry) == manifest.batch_id:
+                store.delete(entry.history_key)
+                removed += 1
+    return removed
+
+
+def same_content(store: Store, entry: ManifestFile, key: str | None = None) -> bool:
+    """Whether the object at ``key`` (default: the entry's own) still holds the entry's content.
+
+    A new mtime alone (a file touched, copied back) is no change: the content decides.
+    """
+    info = store.stat(key or entry.key)
+    if info is None or info.size != entry.size:
+        return False
+    if info.version == entry.version or not entry.content:
+        return info.version == entry.version
+    return store.content_id(info) == entry.content
 
 
 def read_manifest(store: Store, reference: str) -> Manifest:
@@ -111,6 +194,7 @@ def unfinished_manifests(store: Store) -> list[Manifest]:
         info.key
         for info in store.list(f"{MANIFESTS}/")
         if info.key.endswith(".json")
+        and "/" not in info.key[len(MANIFESTS) + 1 :]
         and not info.key.rsplit("/", 1)[-1].startswith("_")
         and info.key.rsplit("/", 1)[-1] not in finished
     ]

@@ -28,6 +28,7 @@ class StepReport:
     empty_files: list[str] = field(default_factory=list)
     empty_lines: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    skipped_files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

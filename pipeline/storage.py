@@ -49,8 +49,20 @@ class Store(Protocol):
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Write ``key``; with ``if_absent``, only if it does not exist yet (returns False then)."""
 
-    def local_path(self, key: str) -> contextlib.AbstractContextManager[Path]:
-        """A local file with the content of ``key`` for as long as the context lasts."""
+    def local_path(self, key: str, content: str | None = None) -> contextlib.AbstractContextManager[Path]:
+        """A local file with the content of ``key`` for as long as the context lasts.
+
+        With ``content`` (a ``content_id``), a copy must be of exactly that content, else StorageError.
+        """
+
+    def content_id(self, info: ObjectInfo) -> str:
+        """What identifies the content of an object: ``sha256:<hex>`` of a file, ``etag:<ETag>`` on S3."""
+
+    def swap(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        """Replace ``key`` by ``data`` (None: delete it) only if it holds ``expected`` now, atomically.
+
+        Returns whether it did; two callers swapping the same content never both succeed.
+        """
 
     def upload(self, path: Path, key: str) -> None:
         """Store the local file ``path`` as ``key``."""
@@ -60,6 +72,46 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
+
+
+DOWNLOAD_PREFIX = "lakehouse-"
+DOWNLOAD_PART = 64 << 20
+
+
+def file_digest(path: Path, shown: str) -> str:
+    """The SHA-256 of a file, read in large blocks (hashlib releases the GIL for them)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise StorageError(f"cannot read {shown}: {error.strerror or error}") from error
+    return digest.hexdigest()
+
+
+def remove_stale_downloads() -> None:
+    """Remove the download folders of this machine's runs that are gone (killed, so never cleaned)."""
+    base = Path(tempfile.gettempdir())
+    for folder in base.glob(f"{DOWNLOAD_PREFIX}*-*"):
+        pid = folder.name[len(DOWNLOAD_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def open_store(root: str) -> Store:
@@ -133,11 +185,35 @@ class LocalStore:
                 os.unlink(tmp)
 
     @contextlib.contextmanager
-    def local_path(self, key: str) -> Iterator[Path]:
+    def local_path(self, key: str, content: str | None = None) -> Iterator[Path]:
+        # The file itself: the reader checks the bytes it parses against ``content`` (its digest).
         path = self._file(key)
         if not path.is_file():
             raise StorageError(f"{path} does not exist")
         yield path
+
+    def content_id(self, info: ObjectInfo) -> str:
+        return "sha256:" + file_digest(self._file(info.key), self.uri(info.key))
+
+    def swap(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        import fcntl
+
+        target = self._file(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Compare-and-swap under an advisory lock of a side file: every swap of ``key`` takes it.
+        with open(target.with_name(f".{target.name}.swap"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                current = target.read_bytes()
+            except FileNotFoundError:
+                return False
+            if current != expected:
+                return False
+            if data is None:
+                target.unlink()
+            else:
+                self.write_bytes(key, data)
+            return True
 
     def upload(self, path: Path, key: str) -> None:
         target = self._file(key)
@@ -174,7 +250,12 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix
         self.root = f"s3://{bucket}/{prefix}".rstrip("/")
-        self.client: Any = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region)
+        self.client: Any = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            config=settings.boto_config(),
+        )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -237,18 +318,99 @@ class S3Store:
         return True
 
     @contextlib.contextmanager
-    def local_path(self, key: str) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="lakehouse-") as tmp:
+    def local_path(self, key: str, content: str | None = None) -> Iterator[Path]:
+        etag = content[len("etag:") :] if content and content.startswith("etag:") else None
+        remove_stale_downloads()
+        with tempfile.TemporaryDirectory(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-") as tmp:
             path = Path(tmp) / Path(key).name
-            self._call(
-                "download",
-                key,
-                self.client.download_file,
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Filename=str(path),
-            )
+            if etag is None:
+                self._call(
+                    "download",
+                    key,
+                    self.client.download_file,
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Filename=str(path),
+                )
+            else:
+                self._download_exactly(key, etag, path)
             yield path
+
+    def _download_exactly(self, key: str, etag: str, path: Path) -> None:
+        """Download ``key`` in ranges, each one only if the object still has ``etag`` (If-Match).
+
+        The managed download cannot be told which ETag to expect: a file replaced after its batch was
+        snapshotted would be read as its new content.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from botocore.exceptions import ClientError
+
+        info = self.stat(key)
+        if info is None:
+            raise StorageError(f"cannot read {self.uri(key)}: it does not exist")
+        ranges = [
+            (start, min(start + DOWNLOAD_PART, info.size) - 1) for start in range(0, info.size, DOWNLOAD_PART)
+        ]
+
+        def fetch(span: tuple[int, int]) -> None:
+            start, end = span
+            try:
+                body = self.client.get_object(
+                    Bucket=self.bucket, Key=self._key(key), IfMatch=f'"{etag}"', Range=f"bytes={start}-{end}"
+                )["Body"]
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                    raise StorageError(
+                        f"{self.uri(key)} changed after its batch was snapshotted (ETag {etag} expected)"
+                    ) from error
+                raise StorageError(f"cannot read {self.uri(key)}: {error}") from error
+            with open(path, "r+b") as handle:
+                handle.seek(start)
+                for piece in iter(lambda: body.read(1 << 20), b""):
+                    handle.write(piece)
+                if handle.tell() != end + 1:
+                    raise StorageError(f"cannot read {self.uri(key)}: the download ended early")
+
+        with open(path, "wb") as handle:
+            handle.truncate(info.size)
+        try:
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="download") as pool:
+                list(pool.map(fetch, ranges))
+        except OSError as error:
+            raise StorageError(
+                f"cannot download {self.uri(key)} to {path}: {error.strerror or error}"
+            ) from error
+
+    def content_id(self, info: ObjectInfo) -> str:
+        return f"etag:{info.version}"
+
+    def swap(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            current = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot read {self.uri(key)}: {error}") from error
+        if current["Body"].read() != expected:
+            return False
+        condition = {"IfMatch": current["ETag"]}
+        try:
+            if data is None:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(key), **condition)
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+                "412",
+            ):
+                return False
+            raise StorageError(f"cannot write {self.uri(key)}: {error}") from error
+        return True
 
     def upload(self, path: Path, key: str) -> None:
         self._call(

@@ -7,18 +7,31 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 from urllib.parse import unquote_plus
 
+from pipeline.archive import archive_batch
 from pipeline.errors import BatchLockedError, MissingDatasetError
-from pipeline.lock import acquire_lock, hand_over_lock, release_lock
-from pipeline.manifest import Manifest, raw_prefix, snapshot, unfinished_manifests
+from pipeline.lock import Liveness, acquire_lock
+from pipeline.manifest import (
+    Manifest,
+    new_batch_id,
+    raw_prefix,
+    record_loaded,
+    snapshot,
+    unfinished_manifests,
+)
+from pipeline.report import BatchReport, StepReport, load_report, report_key, save_step_report
 from pipeline.specs import TABLES
 from pipeline.storage import Store
 
-# Starts the state machine for a manifest; the flag says whether the batch is resumed after a failure.
-StartExecution = Callable[[Manifest, bool], None]
+# Starts the state machine for a manifest under an execution name.
+StartExecution = Callable[[Manifest, str], None]
+# How long a trigger may take to start an execution before another may take its lock over.
+STARTING_LEASE_SECONDS = 300.0
+# The lease an execution gets: longer than any batch may run (the state machine's timeout).
+EXECUTION_LEASE = timedelta(hours=24)
 
 
 def is_raw_csv(key: str, prefix: str = "") -> bool:
@@ -40,15 +53,20 @@ def content_batch_id(manifest: Manifest) -> str:
     return f"batch-{digest.hexdigest()[:24]}"
 
 
-def start_ready_batch(store: Store, start: StartExecution, now: datetime) -> Manifest | None:
+def start_ready_batch(
+    store: Store, start: StartExecution, now: datetime, *, alive: Liveness | None = None
+) -> Manifest | None:
     """Start the next batch if none is in progress and every dataset has a CSV in ``raw/``.
 
-    Takes the root's batch lock (so two triggers never start overlapping batches); an unfinished
-    batch is resumed before a new one is snapshotted; the lock stays with the started batch until the
-    state machine releases it. Returns the started manifest, or None when nothing was started.
+    Takes the root's batch lock (so two triggers never start overlapping batches; a lock whose
+    execution ``alive`` says has ended, or whose lease ran out, is taken over); an unfinished batch is
+    resumed before a new one is snapshotted; the lock is handed to the started execution, which the
+    state machine's last step releases. A batch made only of files that earlier batches loaded
+    already is finished here (archived and reported, nothing written) and the lock released.
+    Returns the started (or so finished) manifest, or None when nothing was started.
     """
     try:
-        acquire_lock(store, "starting")
+        lock = acquire_lock(store, "starting", lease_seconds=STARTING_LEASE_SECONDS, alive=alive)
     except BatchLockedError:
         return None  # the running batch's final re-check picks up files that landed meanwhile
     try:
@@ -60,13 +78,59 @@ def start_ready_batch(store: Store, start: StartExecution, now: datetime) -> Man
             try:
                 taken = snapshot(store, "pending", now)
             except MissingDatasetError:
-                release_lock(store)
+                lock.release()
                 return None
-            manifest = replace(taken, batch_id=content_batch_id(taken))
+            batch_id = content_batch_id(taken)
+            if load_report(store, batch_id) is not None:
+                # The very same files again, after their batch finished: a batch of its own.
+                batch_id = new_batch_id(now)
+            manifest = replace(taken, batch_id=batch_id)
             store.write_bytes(manifest.key, manifest.to_json(), if_absent=True)
-        hand_over_lock(store, manifest.batch_id)
-        start(manifest, resumed)
+        if all(entry.loaded_by for entries in manifest.files.values() for entry in entries):
+            finish_skipped_batch(store, manifest, now)
+            lock.release()
+            return manifest
+        # A resumed batch already used its own name once; execution names stay taken for 90 days.
+        name = f"{manifest.batch_id}-{now:%Y%m%dT%H%M%S}" if resumed else manifest.batch_id
+        lock.hand_over(batch=manifest.batch_id, execution=name, expires=(now + EXECUTION_LEASE).isoformat())
+        start(manifest, name)
     except BaseException:
-        release_lock(store)
+        lock.release()
         raise
     return manifest
+
+
+def finish_skipped_batch(store: Store, manifest: Manifest, now: datetime) -> BatchReport:
+    """Finish a batch whose every file was loaded before: archive them and report; no table changes."""
+    steps = []
+    for table, entries in manifest.files.items():
+        step = StepReport(
+            table=table,
+            files=len(entries),
+            rows_in=0,
+            inserted=0,
+            updated=0,
+            unchanged=0,
+            rejected=0,
+            rejected_by_reason={},
+            delta_version=None,
+            rejected_version=None,
+            seconds=0.0,
+            skipped_files={entry.key: entry.loaded_by or "" for entry in entries},
+        )
+        save_step_report(store, manifest.batch_id, step)
+        steps.append(step)
+    archived = archive_batch(store, manifest)
+    record_loaded(store, manifest, now)
+    report = BatchReport(
+        batch_id=manifest.batch_id,
+        status="succeeded",
+        started_at=manifest.created_at,
+        finished_at=now.isoformat(),
+        seconds=0.0,
+        steps=steps,
+        archived_files=archived,
+        table_counts={},
+    )
+    store.write_bytes(report_key(manifest.batch_id), report.to_json())
+    return report

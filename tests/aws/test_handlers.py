@@ -91,7 +91,7 @@ def test_files_landing_during_a_batch_start_the_next_one_when_it_finishes(aws: d
     archive_files.lambda_handler({"root": ROOT, "manifest": manifest.key}, lambda_context())
     later = ("raw/products/p2.csv", "raw/orders/o2.csv", "raw/order_items/i2.csv")
     for key in later:
-        put(key)
+        put(key, b"h\n2\n")  # new content: the same bytes again would be skipped as already loaded
     trigger(s3_message(*later))
     assert len(executions(aws["state_machine"])) == 1
     _write_step_reports(manifest.batch_id)
@@ -179,3 +179,60 @@ def _write_step_reports(batch_id: str) -> None:
     store = open_store(ROOT)
     for table in ("products", "orders", "order_items"):
         save_step_report(store, batch_id, StepReport(table, 1, 1, 1, 0, 0, 0, {}, 0, None, 0.1))
+
+
+def _finish(batch_id: str) -> dict[str, Any]:
+    _write_step_reports(batch_id)
+    return dict(
+        finish_batch.lambda_handler(
+            {
+                "root": ROOT,
+                "batch_id": batch_id,
+                "manifest": f"manifests/{batch_id}.json",
+                "status": "SUCCEEDED",
+                "counts": [{"table": t, "rows": "1"} for t in ("products", "orders", "order_items")],
+            },
+            lambda_context(),
+        )
+    )
+
+
+def test_the_same_files_again_after_their_batch_finished_are_skipped_and_free_the_lock(
+    aws: dict[str, Any],
+) -> None:
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (first,) = executions(aws["state_machine"])
+    archive_files.lambda_handler(
+        {"root": ROOT, "manifest": f"manifests/{first['name']}.json"}, lambda_context()
+    )
+    _finish(first["name"])
+    for key in ALL:  # uploaded again, byte for byte
+        put(key)
+    trigger(s3_message(*ALL))
+    assert len(executions(aws["state_machine"])) == 1, "no execution for files loaded already"
+    store = open_store(ROOT)
+    assert store.stat(LOCK_KEY) is None
+    assert keys("raw/") == []
+    reports = [key for key in keys("reports/") if key.count("/") == 1]
+    assert len(reports) == 2
+    put("raw/orders/o3.csv", b"h\n3\n")
+    for key in ("raw/products/p.csv", "raw/order_items/i.csv"):
+        put(key)
+    trigger(s3_message("raw/orders/o3.csv"))
+    assert len(executions(aws["state_machine"])) == 2, "new content starts a batch again"
+
+
+def test_a_lock_whose_execution_ended_is_taken_over(aws: dict[str, Any]) -> None:
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (first,) = executions(aws["state_machine"])
+    # The execution is stopped from outside: FinishBatch never runs, the lock stays with it.
+    boto3.client("stepfunctions").stop_execution(executionArn=first["executionArn"])
+    assert lock_holder(open_store(ROOT))["execution"] == first["name"]
+    put("raw/orders/o2.csv", b"h\n2\n")
+    trigger(s3_message("raw/orders/o2.csv"))
+    names = sorted(e["name"] for e in executions(aws["state_machine"]))
+    assert len(names) == 2 and names[1].startswith(first["name"] + "-"), "the stopped batch is resumed"
