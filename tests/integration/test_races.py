@@ -35,7 +35,7 @@ def _step_behind_a_barrier(root: str, batch_id: str, table: str, barrier: Any, e
             barrier.wait(timeout=60)
         return real(*args, **kwargs)
 
-    delta.write_deltalake = together  # type: ignore[assignment]
+    delta.write_deltalake = together
     store = open_store(root)
     run_step(store, read_manifest(store, batch_id), get_spec(table))
 
