@@ -394,6 +394,8 @@ def generate_next_day(
     stats = orders_scan.select(pl.col("date").max(), pl.col("order_id").max()).collect()
     last_day, last_order = stats.row(0)
     last_item = items_scan.select(pl.col("id").max()).collect().item()
+    if last_day >= "9999-12-31":
+        raise UsageError(f"the lakehouse at {store.root} reaches 9999-12-31: there is no next day")
     day = date.fromisoformat(last_day) + timedelta(days=1)
     rng = np.random.default_rng([seed, day.toordinal()])
 
@@ -408,7 +410,7 @@ def generate_next_day(
     # old partitions as small files, which is what `lakehouse maintain` compacts.
     late = max(1, n_orders // 100)
     days = np.concatenate(
-        [np.full(n_orders - late, today), rng.integers(max(0, today - 30), today, size=late)]
+        [np.full(n_orders - late, today), rng.integers(today - 30, today, size=late)]
     )
     new_orders = _orders(rng, last_order + 1, n_orders, n_users, days)
     product_count = int(products_scan.select(pl.len()).collect().item())

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.errors import InputFileError, LakehouseError
-from pipeline.records import RAW_LIMIT, LongRecord, RecordStream, Span
+from pipeline.records import BOM, RAW_LIMIT, LongRecord, RecordStream, Span
 from pipeline.specs import TableSpec
 
 SOURCE_FILE = "_source_file"
@@ -117,9 +117,9 @@ def _header(item: Span | LongRecord, source: str) -> tuple[list[str], int]:
 def _layout(item: Span | LongRecord, spec: TableSpec, source: str) -> FileLayout:
     header, line = _header(item, source)
     names = [name.strip() for name in header]
-    if len(names) == 1:
+    if len(header) == 1:
         for delimiter, plural in _DELIMITERS.items():
-            if delimiter in names[0]:
+            if delimiter in header[0]:
                 raise InputFileError(
                     f"{source} line {line}: the header is a single field {_shown(names[0])}; "
                     f"the file seems to be separated by {plural}, and only commas separate fields"
@@ -258,8 +258,12 @@ def _parse_span(span: Span, spec: TableSpec, source: str, layout: FileLayout) ->
     count = span.starts.size
     first, last = int(span.starts[0]) - span.base, int(span.ends[-1]) - span.base
     _check_utf8(span, first, last, source, layout)
+    fields: bytes | memoryview = memoryview(span.data)[first:last]
+    if span.data.startswith(BOM, first):
+        # pyarrow drops a BOM at the start of what it parses: here it is a record's text.
+        fields = b"\n" + bytes(fields)
     try:
-        table, invalid = _parse_fields(memoryview(span.data)[first:last], layout, spec)
+        table, invalid = _parse_fields(fields, layout, spec)
     except pa.ArrowInvalid as error:
         raise InputFileError(
             f"{source} near line {int(span.lines[0])} cannot be parsed as CSV: {_first_line(error)}"
@@ -271,8 +275,8 @@ def _parse_span(span: Span, spec: TableSpec, source: str, layout: FileLayout) ->
             f"{source} near line {int(span.lines[0])}: the CSV parser found {table.num_rows + len(invalid)} "
             f"records where the record scan found {count}; refusing to guess"
         )
-    fields = _as_frame(table) if table.num_rows else pl.DataFrame()
-    records = _shaped(fields, spec, layout, source, span.lines[~bad])
+    frame = _as_frame(table) if table.num_rows else pl.DataFrame()
+    records = _shaped(frame, spec, layout, source, span.lines[~bad])
     texts = [_kept_text(span.text(int(i))) for i in np.flatnonzero(bad)]
     return RawChunk(records, _malformed(source, span.lines[bad].tolist(), texts))
 
@@ -386,7 +390,8 @@ def records_at_lines(
     at = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
     if not np.array_equal(at, wanted):
         return None
-    data = b"\n".join(texts)
+    # A leading line break: pyarrow would take a BOM at the start for the file's own.
+    data = b"\n" + b"\n".join(texts)
     try:
         table, invalid = _parse_fields(data, layout, spec)
     except pa.ArrowInvalid:

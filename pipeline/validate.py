@@ -47,7 +47,8 @@ def _parsed(column: Column, value: pl.Expr) -> pl.Expr:
         # against a reference rule on polars 1 and 2); 3x faster than to_integer plus a range check.
         return value.cast(pl.Int32, strict=False)
     if column.type == "double":
-        number = value.cast(pl.Float64, strict=False)
+        # + 0.0 makes -0.0 the 0.0 it equals: rows that differ only so are the same row.
+        number = value.cast(pl.Float64, strict=False) + 0.0
         return pl.when(number.is_finite()).then(number).otherwise(None)
     if column.type == "timestamp":
         # The regex decides what is accepted; parsing the two separators apart is 3x faster than

@@ -400,3 +400,17 @@ def test_rows_older_than_the_lakehouse_are_rejected_as_stale_not_counted_unchang
     assert orders.filter(pl.col("order_id") == 10).get_column("total_amount").to_list() == [12.5]
     stale = pl.read_delta(rejected_uri(store, "orders")).filter(pl.col("batch_id") == report.batch_id)
     assert stale.select("order_id", "total_amount", "source_line").rows() == [("10", "99.00", 2)]
+
+
+def test_the_next_day_follows_a_lake_of_any_year(root: Path) -> None:
+    """A lake loaded from someone else's files (here 2019) gets its next day too."""
+    store = open_store(str(root))
+    write_raw(root, "products", "p.csv", "5,2,Books,Novel")
+    write_raw(root, "orders", "o.csv", "1,10,7,2019-03-01T10:00:00,12.50,2019-03-01")
+    write_raw(root, "order_items", "i.csv", "1,10,7,,5,1,0,2019-03-01T10:00:00,2019-03-01")
+    run_batch(store)
+    generate_next_day(store, scale=0.001, seed=1, dirty=False)
+    report = run_batch(store)
+    orders = table_state(root)["orders"]
+    assert report.status == "succeeded" and orders.get_column("date").max() == "2019-03-02"
+    assert str(orders.get_column("date").min()) >= "2019-01-30"
