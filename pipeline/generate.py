@@ -409,9 +409,7 @@ def generate_next_day(
     # About 1% of the day's orders arrive late, stamped on one of the previous 30 days: they land in
     # old partitions as small files, which is what `lakehouse maintain` compacts.
     late = max(1, n_orders // 100)
-    days = np.concatenate(
-        [np.full(n_orders - late, today), rng.integers(today - 30, today, size=late)]
-    )
+    days = np.concatenate([np.full(n_orders - late, today), rng.integers(today - 30, today, size=late)])
     new_orders = _orders(rng, last_order + 1, n_orders, n_users, days)
     product_count = int(products_scan.select(pl.len()).collect().item())
     highest_product = int(products_scan.select(pl.col("product_id").max()).collect().item())
