@@ -345,11 +345,9 @@ def _native_output_aside() -> Callable[[bool], None]:
     os.close(fd)
 
     def finish(failed: bool) -> None:
+        # File descriptor 2 stays on the log: delta-rs's threads may still panic while the process ends.
         sys.stderr.flush()
-        os.dup2(kept, 2)
         os.close(kept)
-        sys.stderr.close()
-        sys.stderr = original
         size = os.path.getsize(log) if os.path.exists(log) else 0
         if failed and size:
             console.print(f"(native library output of this run: {log})", highlight=False, markup=False)

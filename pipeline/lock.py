@@ -248,8 +248,12 @@ def batch_lock(
 
     renewer = threading.Thread(target=keep, name="lock-lease", daemon=True)
     renewer.start()
+    failed = False
     try:
         yield lock
+    except BaseException:
+        failed = True
+        raise
     finally:
         stop.set()
         renewer.join(timeout=5)
@@ -257,9 +261,7 @@ def batch_lock(
             lock.release()
         except LakehouseError as error:
             # The step's own error must not be hidden by the cleanup's: say it, raise it only if alone.
-            import sys
-
-            if sys.exc_info()[0] is None:
+            if not failed:
                 raise
             if notify is not None:
                 notify(f"could not release the lock of {store.root}: {error}")

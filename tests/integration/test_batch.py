@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 from collections import Counter
@@ -414,3 +415,116 @@ def test_the_next_day_follows_a_lake_of_any_year(root: Path) -> None:
     orders = table_state(root)["orders"]
     assert report.status == "succeeded" and orders.get_column("date").max() == "2019-03-02"
     assert str(orders.get_column("date").min()) >= "2019-01-30"
+
+
+def _land_again(root: Path, batch_id: str) -> None:
+    for path in (root / "archived").rglob(f"*/{batch_id}/*.csv"):
+        table = path.relative_to(root / "archived").parts[0]
+        shutil.copy(path, root / "raw" / table / path.name)
+
+
+def test_the_same_files_again_are_skipped_and_store_no_rejected_row_twice(root: Path) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.001, seed=3)
+    first = run_batch(store)
+    rejected_before = {name: pl.read_delta(rejected_uri(store, name)).height for name in TABLES}
+    _land_again(root, first.batch_id)
+    again = run_batch(store)
+    assert all(s.rows_in == 0 and len(s.skipped_files) == s.files for s in again.steps)
+    assert {name: pl.read_delta(rejected_uri(store, name)).height for name in TABLES} == rejected_before
+    assert raw_files(root) == []
+    forced = (root / "archived" / "orders" / first.batch_id).glob("*.csv")
+    for path in forced:
+        shutil.copy(path, root / "raw" / "orders" / path.name)
+    _land_again(root, first.batch_id)
+    report = run_batch(store, force=True)
+    assert {s.table: s.unchanged for s in report.steps}["orders"] > 0
+    assert not any(s.skipped_files for s in report.steps)
+
+
+def test_an_old_batch_landed_again_after_a_newer_one_reverts_nothing(root: Path) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.002, seed=5, dirty=False)
+    old = run_batch(store)
+    generate_next_day(store, scale=0.002, seed=5, dirty=False)
+    day = run_batch(store)
+    assert {s.table: s.updated for s in day.steps}["orders"] > 0
+    after_day = table_state(root)
+    _land_again(root, old.batch_id)
+    run_batch(store)
+    for name, frame in table_state(root).items():
+        assert frame.equals(after_day[name]), f"{name}: corrections or renames were reverted"
+
+
+def test_a_re_export_of_the_same_rows_in_other_files_changes_no_table(root: Path) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.001, seed=6, dirty=False)
+    first = run_batch(store)
+    before = table_state(root)
+    versions = {s.table: delta.table_version(table_uri(store, s.table)) for s in first.steps}
+    for table in TABLES:
+        rows = pl.concat(
+            [
+                pl.read_csv(p, infer_schema=False)
+                for p in (root / "archived" / table / first.batch_id).glob("*.csv")
+            ]
+        )
+        half = rows.height // 2
+        # Other files, other order, CRLF, every field quoted: the same rows.
+        rows.reverse().head(half).write_csv(
+            root / "raw" / table / "export-a.csv", line_terminator="\r\n", quote_style="always"
+        )
+        rows.reverse().tail(rows.height - half).write_csv(root / "raw" / table / "export-b.csv")
+    again = run_batch(store)
+    assert all(s.unchanged == s.rows_in and s.rejected == 0 for s in again.steps)
+    assert {s.table: delta.table_version(table_uri(store, s.table)) for s in again.steps} == versions
+    for name, frame in table_state(root).items():
+        assert frame.equals(before[name]), name
+
+
+def test_a_file_touched_after_the_snapshot_is_read_as_usual(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    small_batch(root)
+    real_step = batch_module.run_step
+
+    def touch_then_step(store: Store, manifest: Manifest, spec: TableSpec, **kwargs: Any) -> StepReport:
+        for path in (root / "raw" / spec.name).glob("*.csv"):
+            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        return real_step(store, manifest, spec, **kwargs)
+
+    monkeypatch.setattr(batch_module, "run_step", touch_then_step)
+    report = run_batch(open_store(str(root)))
+    assert report.status == "succeeded" and raw_files(root) == []
+
+
+def test_a_file_overwritten_while_its_step_reads_it_fails_the_step_and_commits_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import records
+
+    write_raw(root, "products", "p.csv", *[f"{i},1,Books,Product {i}" for i in range(1, 2001)])
+    write_raw(root, "orders", "o.csv", "1,10,7,2025-04-01T11:27:00,12.50,2025-04-01")
+    write_raw(root, "order_items", "i.csv", "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01")
+    original = (root / "raw" / "products" / "p.csv").read_bytes()
+    real_fill = records._Buffer.fill
+    calls = {"n": 0}
+
+    def overwrite_after_the_first_block(self: Any) -> int:
+        read = real_fill(self)
+        calls["n"] += 1
+        if calls["n"] == 2:  # another writer replaces the file in place, half of it read
+            (root / "raw" / "products" / "p.csv").write_bytes(original.replace(b"Product", b"Changed"))
+        return read
+
+    monkeypatch.setattr(records._Buffer, "fill", overwrite_after_the_first_block)
+    monkeypatch.setattr(
+        batch_module, "read_chunks", functools.partial(batch_module.read_chunks, block_size=4096)
+    )
+    with pytest.raises(StepError, match=r"raw/products/p\.csv changed while it was read"):
+        run_batch(open_store(str(root)))
+    assert not (root / "lakehouse-dwh" / "products").exists()
+    assert not (root / "rejected" / "products").exists()
+    assert len(raw_files(root)) == 3
