@@ -141,7 +141,8 @@ def run_bench(
 
     progress("replay of the daily batch")
     _restore_batch(big, day_report["batch_id"])
-    replay = _measure("replay", _cli("run", "--root", str(big)), logs)
+    # --force: the same content again is skipped otherwise; the MERGE itself must change nothing.
+    replay = _measure("replay", _cli("run", "--root", str(big), "--force"), logs)
     replay_report = _latest_report(big)
     replay["rows"] = _rows_in(replay_report)
     replay["rows_per_s"] = round(replay["rows"] / replay["wall_s"])
@@ -182,6 +183,9 @@ def run_bench(
     after["note"] = f"{_data_files(big):,} data files"
     phases += [before, maintain, after]
 
+    progress("hostile files: a very wide header, quotes that never close")
+    phases += _hostile_phases(base / "hostile", logs)
+
     return {
         "scale": scale,
         "small_scale": small_scale,
@@ -191,6 +195,51 @@ def run_bench(
         "full_load_vs_floor": round(full["wall_s"] / floor["wall_s"], 2),
         "growth_ratio": round(daily["wall_s"] / grown["wall_s"], 2),
     }
+
+
+HOSTILE = {
+    "wide header": "a products file whose header has 200,000 extra columns",
+    "header quote": "a 2 MB products file whose header opens a quote that never closes",
+    "open quote": "a 2 MB products file whose second line opens a quote that never closes",
+}
+
+
+def _hostile_phases(folder: Path, logs: Path) -> list[dict[str, Any]]:
+    """Time and memory of reading hostile files: bounded, whatever the header or the quotes do."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = "product_id,department_id,department,product_name"
+    rows = "".join(f"{i},1,Dept,Product {i}\n" for i in range(1, 100_001))
+    files = {
+        "wide header": header + "," + ",".join(f"x{i}" for i in range(200_000)) + "\n" + rows[:2_000_000],
+        "header quote": 'product_id,"department_id,department,product_name\n' + rows[:2_000_000],
+        "open quote": header + '\n1,1,Dept,"never closed\n' + rows[:2_000_000],
+    }
+    phases = []
+    for kind, text in files.items():
+        path = folder / f"{kind.replace(' ', '-')}.csv"
+        path.write_text(text)
+        phase = _measure(f"hostile: {kind}", _internal("hostile", str(path)), logs)
+        phase["note"] = (logs / f"hostile:_{kind.replace(' ', '_')}.log").read_text().strip()
+        phases.append(phase)
+    return phases
+
+
+def hostile(path: Path) -> None:
+    """Read one file as a products file; print what came of it (rows, malformed, or the file error)."""
+    from pipeline.errors import InputFileError
+    from pipeline.reader import read_chunks, read_layout
+    from pipeline.specs import PRODUCTS
+
+    try:
+        layout = read_layout(path, PRODUCTS, path.name)
+        assert layout is not None
+        rows = malformed = 0
+        for chunk in read_chunks(path, PRODUCTS, path.name, layout):
+            rows += chunk.records.height
+            malformed += chunk.malformed.height
+        print(f"{rows:,} rows, {malformed:,} malformed")
+    except InputFileError as error:
+        print(f"refused: {error}")
 
 
 def print_figures(figures: dict[str, Any], console: Console) -> None:
@@ -259,5 +308,7 @@ if __name__ == "__main__":
         floor(Path(arguments[0]), Path(arguments[1]))
     elif command == "scan":
         scan(Path(arguments[0]))
+    elif command == "hostile":
+        hostile(Path(arguments[0]))
     else:
         raise SystemExit(f"unknown benchmark phase {command!r}")
