@@ -90,7 +90,7 @@ batches = st.fixed_dictionaries(
 
 
 @settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 @given(first=batches, second=batches)
 def test_two_fuzzed_batches_land_every_record_once_as_the_reference_says(
