@@ -39,7 +39,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
+    # Explicitly not executing state machines: the end-to-end test's moto server turns that on for the
+    # whole process (moto's configuration is global), and here an execution must stay RUNNING.
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": False}}):
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         machine = boto3.client("stepfunctions").create_state_machine(
             name="EcommerceETLPipeline",
