@@ -77,7 +77,11 @@ def record_handler(record: SQSRecord) -> None:
         logger.info("no raw CSV in this event", extra={"keys": keys})
         return
     started = start_ready_batch(
-        open_store(_root()), start_execution, datetime.now(timezone.utc), alive=execution_alive
+        open_store(_root()),
+        start_execution,
+        datetime.now(timezone.utc),
+        alive=execution_alive,
+        retry_while_starting=True,
     )
     if started is None:
         logger.info("no batch started: a batch is in progress or a dataset has no CSV yet")

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 import polars as pl
 
 from pipeline import delta
-from pipeline.archive import archive_batch
+from pipeline.archive import archive_batch, restore_batch
 from pipeline.dedup import ORDER, survivor_mask, typed
 from pipeline.errors import (
     BatchLockedError,
@@ -43,6 +43,7 @@ from pipeline.reader import (
     SOURCE_LINE,
     FileLayout,
     ReadStats,
+    count_empty_lines,
     detached,
     prefetched,
     read_chunks,
@@ -226,6 +227,7 @@ def run_step(
     digests: list[str | None] = []
     stats: dict[int, ReadStats] = {}
     skipped = {entry.key: entry.loaded_by for entry in manifest.files[spec.name] if entry.loaded_by}
+    record_less: dict[str, int] = {}
     rows_in = 0
 
     with ExitStack() as local_copies:
@@ -233,12 +235,15 @@ def run_step(
             if entry.loaded_by:
                 continue
             key = _locate(store, spec.name, batch_id, entry)
-            path = local_copies.enter_context(store.local_path(key, entry.content or None))
+            path = local_copies.enter_context(store.local_path(key, entry.version, entry.size))
             digests.append(_expected_digest(entry))
             layout = read_layout(path, spec, entry.key)
             if layout is None:
                 empty_files.append(entry.key)
                 layout = FileLayout({}, [], [], 0)
+                blank = count_empty_lines(path)
+                if blank:
+                    record_less[entry.key] = blank
             notes += _layout_notes(entry.key, layout)
             if layout.extra:
                 extra_columns[entry.key] = layout.extra
@@ -265,7 +270,8 @@ def run_step(
             rejected_parts.append(detached(_rejected_rows(invalid_rows, spec)))
             valid_parts.append(detached(valid_rows.select(*typed_columns, _order_of(file_index))))
         empty_lines = {
-            sources[index][0]: read.empty_lines for index, read in stats.items() if read.empty_lines
+            **record_less,
+            **{sources[index][0]: read.empty_lines for index, read in stats.items() if read.empty_lines},
         }
         notes += [note for read in stats.values() for note in read.notes]
 
@@ -441,7 +447,13 @@ def run_batch(
     started_at = now or datetime.now(timezone.utc)
     started = time.monotonic()
     batch_id = new_batch_id(started_at)
-    with batch_lock(store, batch_id, notify=progress) as lock:
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        progress(message)
+
+    with batch_lock(store, batch_id, notify=note) as lock:
         pending = unfinished_manifests(store)
         if pending:
             manifest = pending[0]
@@ -460,8 +472,9 @@ def run_batch(
                 save_step_report(store, manifest.batch_id, report)
             steps.append(report)
         _still_held(lock)
-        archived = _guard("archive", lambda: archive_batch(store, manifest, progress=progress))
+        # Checks before the archive: a batch that fails them keeps its files in raw/.
         counts = _guard("checks", lambda: check_tables(store))
+        archived = _guard("archive", lambda: archive_batch(store, manifest, progress=progress))
         finished_at = datetime.now(timezone.utc)
         _guard("load history", lambda: record_loaded(store, manifest, finished_at))
         batch_report = BatchReport(
@@ -473,6 +486,7 @@ def run_batch(
             steps=steps,
             archived_files=archived,
             table_counts=counts,
+            notes=notes,
         )
         store.write_bytes(report_key(manifest.batch_id), batch_report.to_json())
         return batch_report
@@ -487,15 +501,17 @@ class Abandoned:
     step_reports: int
     history_notes: int
     raw_files: int
+    restored: list[str]
 
 
 def abandon_batch(store: Store, batch_id: str) -> Abandoned:
     """Give up an unfinished batch: remove its rejected rows, step reports, load notes and manifest.
 
-    Its files stay where they are (``raw/``, or ``archived/`` after a partial archive) and the next
-    batch takes those in ``raw/``. Rows that its finished steps merged stay in the tables: they are
-    valid rows, and a next batch with the same files finds them unchanged. The manifest goes last, so
-    an abandon that fails part way can be run again.
+    Its files stay in ``raw/`` for the next batch; those a partial archive moved come back there
+    (beside a newer upload of the same name, if there is one), so that no row is left out of every
+    place. Rows that its finished steps merged stay in the tables: they are valid rows, and a next
+    batch with the same files finds them unchanged. The manifest goes last, so an abandon that fails
+    part way can be run again.
     """
     with batch_lock(store, f"abandon {batch_id}"):
         manifest = read_manifest(store, batch_id)
@@ -516,9 +532,10 @@ def abandon_batch(store: Store, batch_id: str) -> Abandoned:
                 store.delete(key)
                 reports += 1
         notes = forget_loaded(store, manifest)
+        restored = restore_batch(store, manifest)
         store.delete(manifest.key)
         raw = sum(1 for entries in manifest.files.values() for entry in entries if store.stat(entry.key))
-        return Abandoned(manifest.batch_id, removed, reports, notes, raw)
+        return Abandoned(manifest.batch_id, removed, reports, notes, raw, restored)
 
 
 def _still_held(lock: Lock) -> None:

@@ -112,7 +112,7 @@ def step(
     ),
 ) -> None:
     """Run one table's step of a batch (what a Fargate task or Glue job runs)."""
-    from pipeline.batch import run_step, save_step_report
+    from pipeline.batch import load_step_report, run_step, save_step_report
     from pipeline.errors import StepError
     from pipeline.manifest import read_manifest
     from pipeline.specs import get_spec
@@ -121,6 +121,13 @@ def step(
     store = open_store(root)
     spec = get_spec(table)
     batch = read_manifest(store, manifest)
+    done = load_step_report(store, batch.batch_id, spec.name)
+    if done is not None:
+        # A resumed batch runs every step again: a step that committed is not redone (its files may be
+        # archived by now).
+        out.print(f"step {table} of batch {batch.batch_id} is done already", highlight=False)
+        _print_steps([done])
+        return
     with console.status(f"{table}") as status:
         try:
             report = run_step(store, batch, spec, progress=_progress(status))
@@ -241,8 +248,13 @@ def abandon(
     out.print(
         f"abandoned batch {done.batch_id}: removed its manifest, {done.step_reports} step report(s), "
         f"{done.history_notes} load note(s) and its rejected rows ({rejected}); "
-        f"{done.raw_files} of its files are in raw/ for the next batch, and rows its finished steps "
-        "merged stay in the tables (the next batch finds them unchanged)",
+        f"{done.raw_files} of its files are in raw/ for the next batch"
+        + (
+            f" ({len(done.restored)} brought back from archived/: {', '.join(done.restored)})"
+            if done.restored
+            else ""
+        )
+        + ", and rows its finished steps merged stay in the tables (the next batch finds them unchanged)",
         highlight=False,
         soft_wrap=True,
     )
@@ -300,6 +312,8 @@ def _print_steps(steps: list[StepReport]) -> None:
 
 def _print_summary(report: BatchReport) -> None:
     _print_steps(report.steps)
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     out.print(
         f"batch {report.batch_id} {report.status} in {report.seconds:.1f} s; "
         f"{report.archived_files} files archived; rows now: "
@@ -335,12 +349,13 @@ def _native_output_aside() -> Callable[[bool], None]:
         kept = os.dup(2)
     except (OSError, AttributeError, ValueError):  # no real stderr (captured, closed): leave it be
         return lambda failed: None
+    _remove_stale_native_logs()
     original = sys.stderr
     sys.stderr.flush()
     sys.stderr = os.fdopen(
         os.dup(kept), "w", buffering=1, encoding=original.encoding, errors="backslashreplace"
     )
-    fd, log = tempfile.mkstemp(prefix=f"lakehouse-native-{os.getpid()}-", suffix=".log")
+    fd, log = tempfile.mkstemp(prefix=f"{NATIVE_LOG_PREFIX}{os.getpid()}-", suffix=".log")
     os.dup2(fd, 2)
     os.close(fd)
 
@@ -356,6 +371,23 @@ def _native_output_aside() -> Callable[[bool], None]:
                 os.unlink(log)
 
     return finish
+
+
+NATIVE_LOG_PREFIX = "lakehouse-native-"
+
+
+def _remove_stale_native_logs() -> None:
+    """Remove the native output logs of runs that are gone (a killed run cannot remove its own)."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.storage import process_alive
+
+    for log in Path(tempfile.gettempdir()).glob(f"{NATIVE_LOG_PREFIX}*-*.log"):
+        pid = log.name[len(NATIVE_LOG_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                log.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:

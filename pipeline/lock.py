@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class Lock:
     claim: bytes
     note: str | None = None
     lost: threading.Event = field(default_factory=threading.Event)
+    # Renewals (a thread) and the release swap ``claim``: one at a time, the release with the latest.
+    _swapping: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def holder(self) -> dict[str, Any]:
@@ -74,25 +77,32 @@ class Lock:
 
     def renew(self, lease_seconds: float = LEASE_SECONDS) -> bool:
         """Push the lease's end further; False (and ``lost`` set) when someone took the lock over."""
-        claim = _claim({**self.holder, "expires": _expiry(lease_seconds)})
-        if self.store.swap(LOCK_KEY, self.claim, claim):
-            self.claim = claim
-            return True
-        self.lost.set()
-        return False
+        with self._swapping:
+            if self.lost.is_set():
+                return False
+            claim = _claim({**self.holder, "expires": _expiry(lease_seconds)})
+            if self.store.swap(LOCK_KEY, self.claim, claim):
+                self.claim = claim
+                return True
+            self.lost.set()
+            return False
 
     def hand_over(self, **holder: Any) -> None:
         """Name another holder (e.g. the execution the trigger started) in the lock this caller holds."""
         process = ("host", "boot", "pid", "started")
         kept = {k: v for k, v in self.holder.items() if k not in process or "execution" not in holder}
         claim = _claim({**kept, **holder})
-        if not self.store.swap(LOCK_KEY, self.claim, claim):
-            raise BatchLockedError(f"the lock of {self.store.root} was taken over before it was handed on")
-        self.claim = claim
+        with self._swapping:
+            if not self.store.swap(LOCK_KEY, self.claim, claim):
+                raise BatchLockedError(
+                    f"the lock of {self.store.root} was taken over before it was handed on"
+                )
+            self.claim = claim
 
     def release(self) -> bool:
         """Remove the lock if it is still this claim; whether it was removed."""
-        return self.store.swap(LOCK_KEY, self.claim, None)
+        with self._swapping:
+            return self.store.swap(LOCK_KEY, self.claim, None)
 
 
 def _expiry(lease_seconds: float) -> str:
@@ -166,7 +176,10 @@ def stale_reason(holder: dict[str, Any], alive: Liveness | None = None) -> str |
             return f"its process {pid} on {holder.get('host')} is gone"
         return None
     if alive is not None:
-        verdict = alive(holder)
+        try:
+            verdict = alive(holder)
+        except Exception:  # cannot be told (no permission, throttled): the lease decides
+            verdict = None
         if verdict is not None:
             return None if verdict else f"{_who(holder)} has ended"
     expires = holder.get("expires")
@@ -239,12 +252,16 @@ def batch_lock(
     stop = threading.Event()
 
     def keep() -> None:
+        renewed = time.monotonic()
         while not stop.wait(lease_seconds / 4):
             try:
                 if not lock.renew(lease_seconds):
                     return
-            except LakehouseError:  # a renewal that fails now may work next time; the lease is long
-                continue
+                renewed = time.monotonic()
+            except Exception:  # a renewal that fails now may work next time; the lease is long
+                if time.monotonic() - renewed > lease_seconds:
+                    lock.lost.set()  # others may have taken it over by now
+                    return
 
     renewer = threading.Thread(target=keep, name="lock-lease", daemon=True)
     renewer.start()
@@ -258,8 +275,9 @@ def batch_lock(
         stop.set()
         renewer.join(timeout=5)
         try:
-            lock.release()
-        except LakehouseError as error:
+            if not lock.release() and not lock.lost.is_set() and notify is not None:
+                notify(f"the lock of {store.root} was not ours any more when this run ended")
+        except Exception as error:
             # The step's own error must not be hidden by the cleanup's: say it, raise it only if alone.
             if not failed:
                 raise

@@ -112,6 +112,15 @@ def snapshot(store: Store, batch_id: str, now: datetime, *, force: bool = False)
     # Hashing releases the GIL: two files at a time.
     with ThreadPoolExecutor(max_workers=2) as pool:
         contents = dict(zip((info.key for info in infos), pool.map(store.content_id, infos)))
+    # A file that changed while it was hashed is still being written: it is the next batch's.
+    landing = {info.key for info in infos if store.stat(info.key) != info}
+    found = {table: [info for info in infos if info.key not in landing] for table, infos in found.items()}
+    missing = [table for table, infos in found.items() if not infos]
+    if missing:
+        raise MissingDatasetError(
+            f"no batch started: {', '.join(raw_prefix(t) for t in missing)} "
+            f"{'has' if len(missing) == 1 else 'have'} only files still being written under {store.root}"
+        )
     files = {}
     for table in TABLES:
         entries = []

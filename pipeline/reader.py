@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.errors import InputFileError, LakehouseError
-from pipeline.records import BOM, RAW_LIMIT, LongRecord, RecordStream, Span
+from pipeline.records import BOM, MAX_RECORD_BYTES, RAW_LIMIT, LongRecord, RecordStream, Span
 from pipeline.specs import TableSpec
 
 SOURCE_FILE = "_source_file"
@@ -101,6 +101,15 @@ def read_layout(path: Path, spec: TableSpec, source: str) -> FileLayout | None:
     return None
 
 
+def count_empty_lines(path: Path) -> int:
+    """The empty lines of a file (for a file with no record, which has no layout)."""
+    with path.open("rb") as handle:
+        stream = RecordStream(handle, block_size=1 << 20)
+        for _ in stream:
+            pass
+    return stream.empty_lines
+
+
 def _header(item: Span | LongRecord, source: str) -> tuple[list[str], int]:
     """The header's fields and line."""
     if isinstance(item, LongRecord):
@@ -111,7 +120,15 @@ def _header(item: Span | LongRecord, source: str) -> tuple[list[str], int]:
         text = item.text(0).decode("utf-8")
     except UnicodeDecodeError as error:
         raise InputFileError(f"{source} is not UTF-8 text (line {line}, the header)") from error
-    return next(csv.reader([text])), line
+    return _fields(text), line
+
+
+def _fields(record: str) -> list[str]:
+    """The fields of one record's text, as ``csv`` reads them (a NUL is text, as on Python 3.11+)."""
+    # Python 3.9's csv refuses NUL ("line contains NUL"); U+FFFF is a noncharacter no text holds.
+    if "\0" in record:
+        return [field.replace("\uffff", "\0") for field in next(csv.reader([record.replace("\0", "\uffff")]))]
+    return next(csv.reader([record]), [""])
 
 
 def _layout(item: Span | LongRecord, spec: TableSpec, source: str) -> FileLayout:
@@ -197,7 +214,7 @@ def read_chunks(
             chunk = (
                 _long_record(item, spec, source, stats)
                 if isinstance(item, LongRecord)
-                else _parse_span(item, spec, source, layout)
+                else _parse_span(item, spec, source, layout, stats)
             )
             yield chunk
         stats.empty_lines = stream.empty_lines
@@ -253,7 +270,7 @@ def _parse_fields(
     return table, invalid
 
 
-def _parse_span(span: Span, spec: TableSpec, source: str, layout: FileLayout) -> RawChunk:
+def _parse_span(span: Span, spec: TableSpec, source: str, layout: FileLayout, stats: ReadStats) -> RawChunk:
     """The records of one span: well-formed ones as text per column, the others with their whole text."""
     count = span.starts.size
     first, last = int(span.starts[0]) - span.base, int(span.ends[-1]) - span.base
@@ -275,9 +292,21 @@ def _parse_span(span: Span, spec: TableSpec, source: str, layout: FileLayout) ->
             f"{source} near line {int(span.lines[0])}: the CSV parser found {table.num_rows + len(invalid)} "
             f"records where the record scan found {count}; refusing to guess"
         )
+    sizes = span.ends - span.starts
+    too_long = sizes > MAX_RECORD_BYTES
+    if too_long.any():  # malformed whatever its fields say, like a record too long for one window
+        table = table.filter(pa.array(~too_long[~bad]))
+        bad |= too_long
     frame = _as_frame(table) if table.num_rows else pl.DataFrame()
     records = _shaped(frame, spec, layout, source, span.lines[~bad])
-    texts = [_kept_text(span.text(int(i))) for i in np.flatnonzero(bad)]
+    texts = []
+    for index in np.flatnonzero(bad):
+        texts.append(_kept_text(span.text(int(index))))
+        if sizes[index] > RAW_LIMIT:
+            stats.notes.append(
+                f"{source} line {int(span.lines[index])}: a malformed record of {int(sizes[index]):,} bytes; "
+                f"raw_record keeps its first {RAW_LIMIT:,}"
+            )
     return RawChunk(records, _malformed(source, span.lines[bad].tolist(), texts))
 
 
@@ -359,7 +388,7 @@ def _check_utf8(span: Span, first: int, last: int, source: str, layout: FileLayo
     start = int(span.starts[index])
     before = span.data[start - span.base : at - span.base]
     line = int(span.lines[index]) + len(_LINE_BREAK.findall(before))
-    field_index = len(next(csv.reader([before.decode("utf-8", errors="replace")]), [""])) - 1
+    field_index = len(_fields(before.decode("utf-8", errors="replace"))) - 1
     names = {position: name for name, position in layout.positions.items()}
     column = names.get(field_index, f"field {field_index + 1}")
     raise InputFileError(f"{source} is not UTF-8 text (line {line}, column {column}, bytes {bad!r})")

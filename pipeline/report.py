@@ -43,6 +43,7 @@ class BatchReport:
     steps: list[StepReport]
     archived_files: int
     table_counts: dict[str, int]
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()

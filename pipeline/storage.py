@@ -49,10 +49,13 @@ class Store(Protocol):
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Write ``key``; with ``if_absent``, only if it does not exist yet (returns False then)."""
 
-    def local_path(self, key: str, content: str | None = None) -> contextlib.AbstractContextManager[Path]:
+    def local_path(
+        self, key: str, version: str | None = None, size: int | None = None
+    ) -> contextlib.AbstractContextManager[Path]:
         """A local file with the content of ``key`` for as long as the context lasts.
 
-        With ``content`` (a ``content_id``), a copy must be of exactly that content, else StorageError.
+        With ``version`` and ``size`` (as the manifest has them), a copy must be of exactly that object
+        (its ETag), else StorageError; a local file is checked by its reader instead (its digest).
         """
 
     def content_id(self, info: ObjectInfo) -> str:
@@ -67,8 +70,11 @@ class Store(Protocol):
     def upload(self, path: Path, key: str) -> None:
         """Store the local file ``path`` as ``key``."""
 
-    def move(self, src: str, dst: str) -> None:
-        """Move ``src`` to ``dst`` (any size): ``dst`` is complete before ``src`` is gone."""
+    def move(self, src: str, dst: str, version: str | None = None) -> None:
+        """Move ``src`` to ``dst`` (any size): ``dst`` is complete before ``src`` is gone.
+
+        With ``version``, only if ``src`` is still that version (on S3 atomically, by If-Match).
+        """
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
@@ -185,8 +191,8 @@ class LocalStore:
                 os.unlink(tmp)
 
     @contextlib.contextmanager
-    def local_path(self, key: str, content: str | None = None) -> Iterator[Path]:
-        # The file itself: the reader checks the bytes it parses against ``content`` (its digest).
+    def local_path(self, key: str, version: str | None = None, size: int | None = None) -> Iterator[Path]:
+        # The file itself: the reader checks the bytes it parses against the manifest's digest.
         path = self._file(key)
         if not path.is_file():
             raise StorageError(f"{path} does not exist")
@@ -201,19 +207,22 @@ class LocalStore:
         target = self._file(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         # Compare-and-swap under an advisory lock of a side file: every swap of ``key`` takes it.
-        with open(target.with_name(f".{target.name}.swap"), "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
-            try:
-                current = target.read_bytes()
-            except FileNotFoundError:
-                return False
-            if current != expected:
-                return False
-            if data is None:
-                target.unlink()
-            else:
-                self.write_bytes(key, data)
-            return True
+        try:
+            with open(target.with_name(f".{target.name}.swap"), "a") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                try:
+                    current = target.read_bytes()
+                except FileNotFoundError:
+                    return False
+                if current != expected:
+                    return False
+                if data is None:
+                    target.unlink()
+                else:
+                    self.write_bytes(key, data)
+                return True
+        except OSError as error:
+            raise StorageError(f"cannot write {self.uri(key)}: {error.strerror or error}") from error
 
     def upload(self, path: Path, key: str) -> None:
         target = self._file(key)
@@ -221,7 +230,11 @@ class LocalStore:
         if path.resolve() != target:
             shutil.copyfile(path, target)
 
-    def move(self, src: str, dst: str) -> None:
+    def move(self, src: str, dst: str, version: str | None = None) -> None:
+        if version is not None:
+            info = self.stat(src)
+            if info is None or info.version != version:
+                raise StorageError(f"cannot move {self.uri(src)}: it changed meanwhile")
         target = self._file(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -318,8 +331,8 @@ class S3Store:
         return True
 
     @contextlib.contextmanager
-    def local_path(self, key: str, content: str | None = None) -> Iterator[Path]:
-        etag = content[len("etag:") :] if content and content.startswith("etag:") else None
+    def local_path(self, key: str, version: str | None = None, size: int | None = None) -> Iterator[Path]:
+        etag = version
         remove_stale_downloads()
         with tempfile.TemporaryDirectory(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-") as tmp:
             path = Path(tmp) / Path(key).name
@@ -333,10 +346,10 @@ class S3Store:
                     Filename=str(path),
                 )
             else:
-                self._download_exactly(key, etag, path)
+                self._download_exactly(key, etag, size, path)
             yield path
 
-    def _download_exactly(self, key: str, etag: str, path: Path) -> None:
+    def _download_exactly(self, key: str, etag: str, size: int | None, path: Path) -> None:
         """Download ``key`` in ranges, each one only if the object still has ``etag`` (If-Match).
 
         The managed download cannot be told which ETag to expect: a file replaced after its batch was
@@ -349,6 +362,10 @@ class S3Store:
         info = self.stat(key)
         if info is None:
             raise StorageError(f"cannot read {self.uri(key)}: it does not exist")
+        if info.version != etag or (size is not None and info.size != size):
+            raise StorageError(
+                f"{self.uri(key)} changed after its batch was snapshotted (ETag {etag} expected)"
+            )
         ranges = [
             (start, min(start + DOWNLOAD_PART, info.size) - 1) for start in range(0, info.size, DOWNLOAD_PART)
         ]
@@ -383,18 +400,39 @@ class S3Store:
             ) from error
 
     def content_id(self, info: ObjectInfo) -> str:
+        # A full-object checksum strong enough to tell contents apart is the content itself; an ETag
+        # only is where S3 computes it from the bytes (not under SSE-KMS, nor for multipart uploads).
+        head = self._call(
+            "read",
+            info.key,
+            self.client.head_object,
+            Bucket=self.bucket,
+            Key=self._key(info.key),
+            ChecksumMode="ENABLED",
+        )
+        if (
+            head.get("ETag", "").strip('"') == info.version
+            and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+        ):
+            for algorithm in ("SHA256", "CRC64NVME"):
+                value = head.get(f"Checksum{algorithm}")
+                if value and "-" not in value:
+                    return f"{algorithm.lower()}:{value}"
         return f"etag:{info.version}"
 
     def swap(self, key: str, expected: bytes, data: bytes | None) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             current = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = current["Body"].read()
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise StorageError(f"cannot read {self.uri(key)}: {error}") from error
-        if current["Body"].read() != expected:
+        except BotoCoreError as error:
+            raise StorageError(f"cannot read {self.uri(key)}: {error}") from error
+        if body != expected:
             return False
         condition = {"IfMatch": current["ETag"]}
         try:
@@ -417,12 +455,15 @@ class S3Store:
             "upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=self._key(key)
         )
 
-    def move(self, src: str, dst: str) -> None:
+    def move(self, src: str, dst: str, version: str | None = None) -> None:
         # S3 has no rename: copy, check the copy, then delete. The managed copy switches to multipart
         # for objects over 5 GB, where CopyObject cannot go.
+        # With ``version`` the copy and the delete hold only for that object (If-Match): an upload that
+        # replaces it meanwhile is neither archived as this batch's nor deleted.
         source = self.stat(src)
         if source is None:
             raise StorageError(f"cannot move {self.uri(src)}: it does not exist")
+        condition = f'"{version}"' if version else None
         self._call(
             "copy",
             src,
@@ -430,11 +471,13 @@ class S3Store:
             CopySource={"Bucket": self.bucket, "Key": self._key(src)},
             Bucket=self.bucket,
             Key=self._key(dst),
+            ExtraArgs={"CopySourceIfMatch": condition} if condition else None,
         )
         copied = self.stat(dst)
         if copied is None or copied.size != source.size:
             raise StorageError(f"moving {self.uri(src)}: the copy at {self.uri(dst)} is incomplete")
-        self.delete(src)
+        extra = {"IfMatch": condition} if condition else {}
+        self._call("delete", src, self.client.delete_object, Bucket=self.bucket, Key=self._key(src), **extra)
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

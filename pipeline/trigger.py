@@ -5,6 +5,7 @@ No polars or deltalake on this import path: it must fit a zip-deployed Lambda.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -13,7 +14,7 @@ from urllib.parse import unquote_plus
 
 from pipeline.archive import archive_batch
 from pipeline.errors import BatchLockedError, MissingDatasetError
-from pipeline.lock import Liveness, acquire_lock
+from pipeline.lock import Liveness, acquire_lock, lock_holder
 from pipeline.manifest import (
     Manifest,
     new_batch_id,
@@ -54,7 +55,12 @@ def content_batch_id(manifest: Manifest) -> str:
 
 
 def start_ready_batch(
-    store: Store, start: StartExecution, now: datetime, *, alive: Liveness | None = None
+    store: Store,
+    start: StartExecution,
+    now: datetime,
+    *,
+    alive: Liveness | None = None,
+    retry_while_starting: bool = False,
 ) -> Manifest | None:
     """Start the next batch if none is in progress and every dataset has a CSV in ``raw/``.
 
@@ -64,10 +70,15 @@ def start_ready_batch(
     state machine's last step releases. A batch made only of files that earlier batches loaded
     already is finished here (archived and reported, nothing written) and the lock released.
     Returns the started (or so finished) manifest, or None when nothing was started.
+
+    While another trigger is starting a batch, its snapshot may have missed the files of this event:
+    with ``retry_while_starting`` the lock error is raised (so the event comes again), else None.
     """
     try:
         lock = acquire_lock(store, "starting", lease_seconds=STARTING_LEASE_SECONDS, alive=alive)
     except BatchLockedError:
+        if retry_while_starting and lock_holder(store).get("batch") == "starting":
+            raise
         return None  # the running batch's final re-check picks up files that landed meanwhile
     try:
         pending = unfinished_manifests(store)
@@ -92,11 +103,19 @@ def start_ready_batch(
             return manifest
         # A resumed batch already used its own name once; execution names stay taken for 90 days.
         name = f"{manifest.batch_id}-{now:%Y%m%dT%H%M%S}" if resumed else manifest.batch_id
-        lock.hand_over(batch=manifest.batch_id, execution=name, expires=(now + EXECUTION_LEASE).isoformat())
+        # Handed over before the start (an execution may finish at once); the long lease only once
+        # it started, so that a trigger dying in between blocks the root for minutes, not a day.
+        starting = now + timedelta(seconds=STARTING_LEASE_SECONDS)
+        lock.hand_over(batch=manifest.batch_id, execution=name, expires=starting.isoformat())
         start(manifest, name)
     except BaseException:
-        lock.release()
+        # Released on the way out; a release that fails too must not hide why the start failed.
+        with contextlib.suppress(Exception):
+            lock.release()
         raise
+    # If the execution ended already and released the lock, there is nothing to extend.
+    with contextlib.suppress(BatchLockedError):
+        lock.hand_over(expires=(now + EXECUTION_LEASE).isoformat())
     return manifest
 
 

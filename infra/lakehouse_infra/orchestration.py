@@ -28,6 +28,16 @@ STATE_MACHINE = "EcommerceETLPipeline"
 TOPIC = "ecommerce-etl-notifications"
 
 
+def execution_arns(scope: Construct) -> str:
+    """The ARNs of the state machine's executions (a lock names the execution that holds it)."""
+    return Stack.of(scope).format_arn(
+        service="states",
+        resource="execution",
+        resource_name=f"{STATE_MACHINE}:*",
+        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+    )
+
+
 def state_machine_arn(scope: Construct) -> str:
     """The state machine's ARN from its fixed name: handlers it invokes can start it without a cycle."""
     return Stack.of(scope).format_arn(

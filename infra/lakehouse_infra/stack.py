@@ -15,7 +15,7 @@ from lakehouse_infra.catalog import DATABASE, WORKGROUP, LakehouseCatalog
 from lakehouse_infra.config import LakehouseConfig
 from lakehouse_infra.functions import HandlerFunction
 from lakehouse_infra.ingest import RawFileEvents
-from lakehouse_infra.orchestration import EtlStateMachine, Notifications, state_machine_arn
+from lakehouse_infra.orchestration import EtlStateMachine, Notifications, execution_arns, state_machine_arn
 from lakehouse_infra.runners import CONTAINER_NAME, FargateRunner, GlueRunner
 from lakehouse_infra.storage import LakehouseStorage
 
@@ -113,21 +113,31 @@ class LakehouseStack(Stack):
 
         # Handlers: each reads the bucket and writes only the prefixes it owns.
         trigger = events.trigger.function
-        bucket.grant_read(trigger)
-        bucket.grant_put(trigger, "manifests/*")
         pipeline.state_machine.grant_start_execution(trigger)
         bucket.grant_read(archive.function)
         bucket.grant_put(archive.function, "archived/*")
         bucket.grant_delete(archive.function, "raw/*")
-        bucket.grant_read(finish.function)
-        bucket.grant_put(finish.function, "reports/*")
-        bucket.grant_put(finish.function, "manifests/*")
-        bucket.grant_delete(finish.function, "manifests/*")
         finish.function.add_to_role_policy(
             iam.PolicyStatement(
                 sid="StartNextBatch", actions=["states:StartExecution"], resources=[state_machine_arn(self)]
             )
         )
+        for starter in (trigger, finish.function):
+            # Both start batches: take and release the lock (manifests/), judge a lock's execution,
+            # and finish a batch of files loaded already themselves (archive, reports).
+            bucket.grant_read(starter)
+            bucket.grant_put(starter, "manifests/*")
+            bucket.grant_delete(starter, "manifests/*")
+            bucket.grant_put(starter, "reports/*")
+            bucket.grant_put(starter, "archived/*")
+            bucket.grant_delete(starter, "raw/*")
+            starter.add_to_role_policy(
+                iam.PolicyStatement(
+                    sid="JudgeLockHolder",
+                    actions=["states:DescribeExecution"],
+                    resources=[execution_arns(self)],
+                )
+            )
 
         role = pipeline.role
         if fargate is not None:

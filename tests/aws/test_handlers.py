@@ -236,3 +236,31 @@ def test_a_lock_whose_execution_ended_is_taken_over(aws: dict[str, Any]) -> None
     trigger(s3_message("raw/orders/o2.csv"))
     names = sorted(e["name"] for e in executions(aws["state_machine"]))
     assert len(names) == 2 and names[1].startswith(first["name"] + "-"), "the stopped batch is resumed"
+
+
+def test_an_event_that_finds_another_trigger_starting_is_retried(aws: dict[str, Any]) -> None:
+    """That trigger's snapshot may have missed this event's file: the message must come again."""
+    from pipeline.lock import acquire_lock
+
+    for key in ALL:
+        put(key)
+    starting = acquire_lock(open_store(ROOT), "starting")
+    result = trigger(s3_message(ALL[2], message_id="late"), s3_message("raw/readme.txt", message_id="other"))
+    assert result == {"batchItemFailures": [{"itemIdentifier": "late"}]}
+    starting.release()
+    assert trigger(s3_message(ALL[2], message_id="late")) == {"batchItemFailures": []}
+    assert len(executions(aws["state_machine"])) == 1
+
+
+def test_a_step_already_done_is_not_run_again(
+    aws: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (execution,) = executions(aws["state_machine"])
+    _write_step_reports(execution["name"])
+    main(["step", "products", "--root", ROOT, "--manifest", execution["name"]])
+    assert "done already" in capsys.readouterr().out

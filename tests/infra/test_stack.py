@@ -205,6 +205,24 @@ def test_the_trigger_and_finish_know_the_root_and_the_state_machine(template: Te
     assert ":stateMachine:EcommerceETLPipeline" in json.dumps(finish["STATE_MACHINE_ARN"])
 
 
+def test_the_trigger_and_finish_may_do_what_starting_a_batch_takes(template: Template) -> None:
+    """Take and release the lock, judge the execution holding it, finish a batch of loaded files."""
+    functions = resources(template, "AWS::Lambda::Function").values()
+    for handler in (
+        "handlers.check_data_availability.lambda_handler",
+        "handlers.finish_batch.lambda_handler",
+    ):
+        function = next(f["Properties"] for f in functions if f["Properties"].get("Handler") == handler)
+        granted = statements(template, function["Role"]["Fn::GetAtt"][0])
+        text = json.dumps(granted)
+        actions = {action for statement in granted for action in actions_of(statement)}
+        assert {"states:StartExecution", "states:DescribeExecution", "s3:DeleteObject*"} <= actions, handler
+        describe = next(s for s in granted if "states:DescribeExecution" in actions_of(s))
+        assert ":execution:EcommerceETLPipeline:*" in json.dumps(describe["Resource"]), handler
+        for prefix in ("manifests/*", "reports/*", "archived/*", "raw/*"):
+            assert f"/{prefix}" in text, (handler, prefix)
+
+
 # --- runners ---------------------------------------------------------------------------------------
 
 

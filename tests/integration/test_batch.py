@@ -227,11 +227,11 @@ def test_archive_failure_leaves_the_rest_in_raw_and_a_rerun_finishes(
     calls = {"n": 0}
     real_move = type(store).move
 
-    def flaky_move(self: Store, src: str, dst: str) -> None:
+    def flaky_move(self: Store, src: str, dst: str, **kwargs: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("network down")
-        return real_move(self, src, dst)
+        return real_move(self, src, dst, **kwargs)
 
     monkeypatch.setattr(type(store), "move", flaky_move)
     with pytest.raises(StepError, match="step archive failed"):
@@ -528,3 +528,80 @@ def test_a_file_overwritten_while_its_step_reads_it_fails_the_step_and_commits_n
     assert not (root / "lakehouse-dwh" / "products").exists()
     assert not (root / "rejected" / "products").exists()
     assert len(raw_files(root)) == 3
+
+
+def test_a_batch_failing_its_checks_keeps_its_files_in_raw_and_can_be_abandoned(root: Path) -> None:
+    from pipeline.batch import abandon_batch
+    from pipeline.errors import StepError as Failed
+
+    store = open_store(str(root))
+    write_raw(root, "products", "p.csv", "x,2,Books,Novel")  # every product rejected: an empty table
+    write_raw(root, "orders", "o.csv", "1,10,7,2025-04-01T11:27:00,12.50,2025-04-01")
+    write_raw(root, "order_items", "i.csv", "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01")
+    with pytest.raises(Failed, match=r"step checks failed: .*table products"):
+        run_batch(store)
+    assert len(raw_files(root)) == 3, "a batch that fails its checks archives nothing"
+    (pending,) = unfinished_manifests(store)
+    done = abandon_batch(store, pending.batch_id)
+    assert done.rejected_rows["products"] == 1 and not unfinished_manifests(store)
+    assert pl.read_delta(rejected_uri(store, "products")).height == 0
+    write_raw(root, "products", "p.csv", "5,2,Books,Novel")  # fixed
+    report = run_batch(store)
+    assert report.status == "succeeded" and raw_files(root) == []
+
+
+def test_a_partial_archive_finishes_even_when_a_new_file_of_the_same_name_landed(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small_batch(root)
+    store = open_store(str(root))
+    real_move = type(store).move
+    calls = {"n": 0}
+
+    def dies_second(self: Store, src: str, dst: str, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("killed")
+        return real_move(self, src, dst, **kwargs)
+
+    monkeypatch.setattr(type(store), "move", dies_second)
+    with pytest.raises(StepError, match="step archive failed"):
+        run_batch(store)
+    monkeypatch.undo()
+    # Tomorrow's products file lands under the same name as the one already archived.
+    write_raw(root, "products", "p.csv", "8,2,Books,Tomorrow")
+    first = run_batch(store)
+    assert first.archived_files == 3 and raw_files(root) == ["raw/products/p.csv"]
+    write_raw(root, "orders", "o2.csv", "1,20,7,2025-04-05T11:27:00,1.50,2025-04-05")
+    write_raw(root, "order_items", "i2.csv", "9,20,7,,8,1,0,2025-04-05T11:27:00,2025-04-05")
+    second = run_batch(store)
+    assert {s.table: s.inserted for s in second.steps}["products"] == 1
+
+
+def test_abandon_brings_archived_files_back_to_raw(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.batch import abandon_batch
+
+    small_batch(root)
+    store = open_store(str(root))
+    monkeypatch.setattr(batch_module, "check_tables", lambda store: {})
+    real_move = type(store).move
+    calls = {"n": 0}
+
+    def dies_second(self: Store, src: str, dst: str, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("killed")
+        return real_move(self, src, dst, **kwargs)
+
+    monkeypatch.setattr(type(store), "move", dies_second)
+    with pytest.raises(StepError):
+        run_batch(store)
+    monkeypatch.undo()
+    assert len(raw_files(root)) == 2
+    write_raw(root, "products", "p.csv", "8,2,Books,Tomorrow")
+    (pending,) = unfinished_manifests(store)
+    done = abandon_batch(store, pending.batch_id)
+    assert done.restored == [f"raw/products/p.{pending.batch_id}.csv"]
+    assert len(raw_files(root)) == 4 and not list((root / "archived").rglob("*.csv"))
+    report = run_batch(store)
+    assert {s.table: s.rows_in for s in report.steps}["products"] == 5

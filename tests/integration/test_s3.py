@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import boto3
 import polars as pl
@@ -127,11 +128,11 @@ def test_an_object_replaced_while_its_step_downloads_it_fails_the_step(
     generate(store, scale=0.0005, seed=23)
     real = S3Store._download_exactly
 
-    def replaced_first(self: S3Store, key: str, etag: str, path: object) -> None:
+    def replaced_first(self: S3Store, key: str, etag: str, size: int | None, path: Path) -> None:
         if "/orders/" in key:
             body = self.read_bytes(key)
             self.write_bytes(key, body.replace(b"2025", b"2024", 1))
-        real(self, key, etag, path)  # type: ignore[arg-type]
+        real(self, key, etag, size, path)
 
     monkeypatch.setattr(S3Store, "_download_exactly", replaced_first)
     with pytest.raises(

@@ -107,3 +107,34 @@ def test_a_lock_handed_to_an_execution_is_judged_by_it_not_by_the_trigger_proces
     assert stale_reason(holder, lambda h: True) is None
     assert "has ended" in (stale_reason(holder, lambda h: False) or "")
     assert stale_reason(holder, lambda h: None) is None, "unknown: the lease decides"
+
+
+class _Flaky:
+    """A store whose compare-and-swap fails from some point on, as a stalled endpoint would."""
+
+    def __init__(self, store: object) -> None:
+        self.inner = store
+        self.failing = False
+        self.root = "flaky"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def swap(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        if self.failing:
+            raise OSError("endpoint stalled")
+        return bool(self.inner.swap(key, expected, data))  # type: ignore[attr-defined]
+
+
+def test_a_lease_that_cannot_be_renewed_past_its_end_is_known_lost(root: Path) -> None:
+    import time
+
+    store = _Flaky(open_store(str(root)))
+    notes: list[str] = []
+    with batch_lock(store, "b", lease_seconds=0.2, notify=notes.append) as lock:  # type: ignore[arg-type]
+        store.failing = True
+        deadline = time.monotonic() + 5
+        while not lock.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.lost.is_set(), "renewals failing for longer than the lease: others may take it over"
+        store.failing = False
