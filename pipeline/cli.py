@@ -406,6 +406,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     import signal
+    import warnings
+
+    # boto3 warns on every start under Python 3.9, which AWS Glue's Python shell still is.
+    warnings.filterwarnings("ignore", message="Boto3 will no longer support Python")
 
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):

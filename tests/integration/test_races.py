@@ -18,8 +18,13 @@ from pipeline.storage import open_store
 from tests.helpers import write_raw
 
 
-def _step_behind_a_barrier(root: str, batch_id: str, table: str, barrier: Any, env: dict[str, str]) -> None:
-    """Run one step; both racers write their first version only once both have read the table as missing."""
+def _step_behind_a_barrier(
+    root: str, batch_id: str, table: str, barriers: dict[str, Any], env: dict[str, str]
+) -> None:
+    """Run one step; both racers write a table's first version only once both have read it as missing.
+
+    A step creates two tables at once (the lakehouse's and the rejected rows'): one barrier each.
+    """
     import os
 
     os.environ.update(env)
@@ -30,10 +35,10 @@ def _step_behind_a_barrier(root: str, batch_id: str, table: str, barrier: Any, e
 
     real = delta.write_deltalake
 
-    def together(*args: Any, **kwargs: Any) -> Any:
+    def together(uri: str, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("mode") == "error":
-            barrier.wait(timeout=60)
-        return real(*args, **kwargs)
+            barriers["rejected" if "/rejected/" in uri else "lakehouse"].wait(timeout=60)
+        return real(uri, *args, **kwargs)
 
     delta.write_deltalake = together
     store = open_store(root)
@@ -48,9 +53,9 @@ def _race(root: str, table: str, env: dict[str, str]) -> None:
     manifest = snapshot(store, new_batch_id(now), now)
     store.write_bytes(manifest.key, manifest.to_json(), if_absent=True)
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(2)
+    barriers = {"lakehouse": context.Barrier(2), "rejected": context.Barrier(2)}
     racers = [
-        context.Process(target=_step_behind_a_barrier, args=(root, manifest.batch_id, table, barrier, env))
+        context.Process(target=_step_behind_a_barrier, args=(root, manifest.batch_id, table, barriers, env))
         for _ in range(2)
     ]
     for racer in racers:
