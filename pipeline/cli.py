@@ -434,11 +434,12 @@ def _main(argv: list[str] | None) -> None:
         )
         sys.exit(128 + stop.signum)
     except Exception as error:  # the CLI promises one sentence, not a traceback
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
+        # Usage errors are click's ClickException, which typer 0.26+ vendors (typer._click) instead of
+        # depending on click: known by what they do, not by their class.
+        show, exit_code = getattr(error, "show", None), getattr(error, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            sys.exit(exit_code)
         if _state["debug"]:
             raise
         console.print(

@@ -23,7 +23,7 @@ def run_cli(*args: str) -> int:
     return 0
 
 
-@pytest.mark.parametrize("command", ["generate", "run", "step", "query", "unlock"])
+@pytest.mark.parametrize("command", ["generate", "run", "step", "query", "unlock", "abandon"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(command, "--help") == 0
     assert "--root" in capsys.readouterr().out
@@ -69,3 +69,16 @@ def test_python_dash_m_pipeline_works() -> None:
         [sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0 and "generate" in done.stdout
+
+
+def test_a_typo_is_a_usage_error_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("rn", "--root", "x") == 2
+    error = capsys.readouterr().err
+    assert "No such command 'rn'" in error and "Traceback" not in error
+
+
+def test_abandon_and_unlock_say_what_they_did(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("unlock", "--root", str(root)) == 0
+    assert "is not locked" in capsys.readouterr().out
+    assert run_cli("abandon", "nothing", "--root", str(root)) == 1
+    assert "no manifest at" in capsys.readouterr().err
