@@ -40,7 +40,7 @@ def _step_behind_a_barrier(
             barriers["rejected" if "/rejected/" in uri else "lakehouse"].wait(timeout=60)
         return real(uri, *args, **kwargs)
 
-    delta.write_deltalake = together
+    delta.write_deltalake = together  # type: ignore[assignment]
     store = open_store(root)
     run_step(store, read_manifest(store, batch_id), get_spec(table))
 
