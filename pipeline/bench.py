@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,87 @@ def _copy_batch(source: Path, batch_id: str, target: Path) -> None:
             shutil.copy(path, target / "raw" / table / path.name)
 
 
+# Input shapes of the same batch, each a rewrite of the generated files (which write `T`, whole seconds,
+# LF, several files per table, quotes only around empty fields). A rewrite works on bytes, so dirty rows
+# stay dirty and every shape must load the same tables (timestamps aside, where the shape adds a fraction).
+_STAMP = re.compile(rb"([0-9]{4}-[0-9]{2}-[0-9]{2})T([0-9]{2}:[0-9]{2}:[0-9]{2})")
+SHAPES: dict[str, Callable[[bytes], bytes]] = {
+    "space": lambda block: _STAMP.sub(rb"\1 \2", block),
+    "fraction-z": lambda block: _STAMP.sub(rb"\1T\2.123Z", block),
+    "space-micros-offset": lambda block: _STAMP.sub(rb"\1 \2.123456+00:00", block),
+    "crlf": lambda block: block.replace(b"\n", b"\r\n"),
+    "quoted": lambda block: _quoted(block),
+    "one-file": lambda block: block,
+}
+SHAPE_BLOCK = 64 << 20
+
+
+def _quoted(block: bytes) -> bytes:
+    """Every field quoted. The generator's only quotes are empty quoted fields (``""``): they become
+    empty first, so that each field keeps its meaning."""
+    fields = block[:-1].replace(b'""', b"").replace(b",", b'","').replace(b"\n", b'"\n"')
+    return b'"' + fields + b'"\n'
+
+
+def reshape(source: Path, target: Path, shape: str) -> None:
+    """Write ``source``'s raw files into ``target`` in ``shape`` (see ``SHAPES``), block by block."""
+    rewrite = SHAPES[shape]
+    for table in TABLES:
+        (target / "raw" / table).mkdir(parents=True, exist_ok=True)
+        paths = sorted((source / "raw" / table).glob("*.csv"))
+        # one-file: every file with the first file's header, appended under that header; others as they are.
+        first_header = _header(paths[0]) if paths else b""
+        joined = target / "raw" / table / f"{table}-all.csv"
+        for path in paths:
+            into_one = shape == "one-file" and _header(path) == first_header
+            out = joined if into_one else target / "raw" / table / path.name
+            skip_header = into_one and out.exists()
+            with path.open("rb") as handle, out.open("ab" if into_one else "wb") as output:
+                if skip_header:
+                    handle.readline()
+                block = b""
+                while block := handle.read(SHAPE_BLOCK):
+                    block += handle.readline()  # whole lines only
+                    output.write(rewrite(block) if block.endswith(b"\n") else rewrite(block + b"\n")[:-1])
+                if into_one and output.tell() and not block.endswith(b"\n"):
+                    output.write(b"\n")  # the next file's first line must not join this one's last
+
+
+def _header(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.readline()
+
+
+def _shape_phases(
+    base: Path, source: Path, shapes: list[str], logs: Path, progress: Progress
+) -> list[dict[str, Any]]:
+    """Floor and full load of the same batch in each input shape, each in a lake of its own."""
+    phases = []
+    for shape in shapes:
+        progress(f"input shape: {shape}")
+        lake = base / f"shape-{shape}"
+        if lake.exists():
+            shutil.rmtree(lake)
+        _measure(f"reshape {shape}", _internal("reshape", str(source), str(lake), shape), logs)
+        floor = _measure(f"floor, {shape}", _internal("floor", str(lake), str(lake / "floor")), logs)
+        full = _measure(f"full load, {shape}", _cli("run", "--root", str(lake)), logs)
+        rows = _rows_in(_latest_report(lake))
+        for figure in (floor, full):
+            figure["rows"], figure["rows_per_s"] = rows, round(rows / figure["wall_s"])
+        full["note"] = f"{full['wall_s'] / floor['wall_s']:.2f}x its floor"
+        phases += [floor, full]
+        shutil.rmtree(lake)
+    return phases
+
+
 def run_bench(
-    *, scale: float, small_scale: float = 0.1, root: str | None = None, seed: int = 42, progress: Progress
+    *,
+    scale: float,
+    small_scale: float = 0.1,
+    root: str | None = None,
+    seed: int = 42,
+    shapes: list[str] | None = None,
+    progress: Progress,
 ) -> dict[str, Any]:
     """Run every phase and return the figures (see the README's benchmark section)."""
     from pipeline.generate import PRODUCTS_AT_SCALE_1
@@ -110,6 +190,8 @@ def run_bench(
     generated = _measure(
         "generate", _cli("generate", "--root", str(big), "--scale", str(scale), "--seed", str(seed)), logs
     )
+    # The input shapes first: they are rewrites of the batch as generated, before it is archived.
+    shape_phases = _shape_phases(base, big, list(SHAPES) if shapes is None else shapes, logs, progress)
     progress("floor: typed read + Parquet write")
     floor = _measure("floor", _internal("floor", str(big), str(base / "floor")), logs)
     progress("full load")
@@ -119,7 +201,8 @@ def run_bench(
     floor["rows"], full["rows"] = rows_total, rows_total
     for figure in (floor, full):
         figure["rows_per_s"] = round(rows_total / figure["wall_s"])
-    phases += [generated, floor, full]
+    full["note"] = f"{full['wall_s'] / floor['wall_s']:.2f}x its floor"
+    phases += [generated, floor, full, *shape_phases]
 
     progress("generating the daily batch")
     products_small = max(10, round(PRODUCTS_AT_SCALE_1 * small_scale))
@@ -194,6 +277,10 @@ def run_bench(
         "phases": phases,
         "full_load_vs_floor": round(full["wall_s"] / floor["wall_s"], 2),
         "growth_ratio": round(daily["wall_s"] / grown["wall_s"], 2),
+        "shapes_vs_floor": {
+            phase["phase"].removeprefix("full load, "): round(phase["wall_s"] / floor_of["wall_s"], 2)
+            for floor_of, phase in zip(shape_phases[::2], shape_phases[1::2])
+        },
     }
 
 
@@ -258,6 +345,9 @@ def print_figures(figures: dict[str, Any], console: Console) -> None:
             phase.get("note", ""),
         )
     console.print(table)
+    worst = max(figures["shapes_vs_floor"].items(), key=lambda item: item[1], default=None)
+    if worst:
+        console.print(f"slowest input shape: {worst[0]}, {worst[1]}x its floor (target: at most 2x)")
     console.print(
         f"full load / floor: {figures['full_load_vs_floor']}x; growth (daily batch at scale "
         f"{figures['scale']} vs {figures['small_scale']}): {figures['growth_ratio']}x; "
@@ -310,5 +400,7 @@ if __name__ == "__main__":
         scan(Path(arguments[0]))
     elif command == "hostile":
         hostile(Path(arguments[0]))
+    elif command == "reshape":
+        reshape(Path(arguments[0]), Path(arguments[1]), arguments[2])
     else:
         raise SystemExit(f"unknown benchmark phase {command!r}")

@@ -200,13 +200,31 @@ def bench(
     ),
     small_scale: float = typer.Option(0.1, "--small-scale", help="The smaller lake of the growth figure."),
     seed: int = typer.Option(42, "--seed", help="Random seed of the generated data."),
+    shapes: Optional[str] = typer.Option(
+        None,
+        "--shapes",
+        help="Input shapes to load besides the generated one, comma-separated, or 'none' (default: all).",
+    ),
 ) -> None:
-    """Benchmark: floor, full load, daily batch, replay, growth, maintenance; wall, CPU, peak RSS, rows/s."""
-    from pipeline.bench import print_figures, run_bench
+    """Benchmark: floor, full load and input shapes, daily batch, replay, growth, maintenance."""
+    from pipeline.bench import SHAPES, print_figures, run_bench
 
+    chosen = None if shapes is None else [name.strip() for name in shapes.split(",") if name.strip()]
+    if chosen == ["none"]:
+        chosen = []
+    unknown = [name for name in chosen or [] if name not in SHAPES]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown input shape {unknown[0]!r}; the shapes are: {', '.join(SHAPES)}", param_hint="--shapes"
+        )
     with console.status("benchmark") as status:
         figures = run_bench(
-            scale=scale, small_scale=small_scale, root=root, seed=seed, progress=_progress(status)
+            scale=scale,
+            small_scale=small_scale,
+            root=root,
+            seed=seed,
+            shapes=chosen,
+            progress=_progress(status),
         )
     print_figures(figures, out)
     if json_file:

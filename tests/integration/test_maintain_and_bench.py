@@ -70,3 +70,49 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     assert all(phase["peak_rss_gib"] > 0 and phase["wall_s"] > 0 for phase in phases.values())
     assert phases["daily batch"]["rows"] == phases["daily batch into scale 0.002"]["rows"]
     shutil.rmtree(tmp_path / "b")
+
+
+def _loaded(lake: Path) -> tuple[dict[str, pl.DataFrame], dict[str, list[tuple[str, ...]]]]:
+    """The lakehouse tables (timestamps to the second) and each table's rejected reasons, sorted."""
+    from pipeline.batch import rejected_uri
+    from pipeline.specs import TABLES
+
+    store = open_store(str(lake))
+    tables, reasons = {}, {}
+    for name, spec in TABLES.items():
+        frame = pl.read_delta(table_uri(store, name)).with_columns(
+            pl.col(pl.Datetime("us", "UTC")).dt.truncate("1s")
+        )
+        tables[name] = frame.sort(spec.primary_key)
+        rejected = pl.read_delta(rejected_uri(store, name))
+        reasons[name] = sorted(tuple(row) for row in rejected.get_column("reject_reasons").to_list())
+    return tables, reasons
+
+
+@pytest.mark.slow
+def test_every_input_shape_of_the_benchmark_loads_the_same_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each shape is the same batch written otherwise: the same rows must land and the same be rejected."""
+    from pipeline import generate as generator
+    from pipeline.bench import SHAPES, reshape
+
+    monkeypatch.setattr(generator, "PART_ROWS", 2_000)  # several files per table, for one-file to join
+    source = tmp_path / "generated"
+    generator.generate(open_store(str(source)), scale=0.0005, seed=31)
+    assert len(list((source / "raw" / "order_items").glob("*.csv"))) > 3
+    shaped = {}
+    for shape in SHAPES:
+        lake = tmp_path / shape
+        reshape(source, lake, shape)
+        shaped[shape] = lake
+    run_batch(open_store(str(source)))
+    expected_tables, expected_reasons = _loaded(source)
+    assert sum(len(found) for found in expected_reasons.values()) > 10  # the batch is dirty
+    assert len(list((shaped["one-file"] / "raw" / "order_items").glob("*.csv"))) == 2  # and the dirty one
+    for shape, lake in shaped.items():
+        run_batch(open_store(str(lake)))
+        tables, reasons = _loaded(lake)
+        assert reasons == expected_reasons, shape
+        for name, frame in tables.items():
+            assert frame.equals(expected_tables[name]), (shape, name)

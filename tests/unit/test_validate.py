@@ -6,6 +6,8 @@ from datetime import date, datetime, timezone
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS, TableSpec
 from pipeline.validate import REASONS, validate
@@ -245,4 +247,64 @@ def test_fast_path_agrees_with_the_full_rules() -> None:
     fast = validate(frame, ORDER_ITEMS).sort("row")
     full = _validate_fully(frame, ORDER_ITEMS, set()).sort("row")
     assert fast.height == full.height == len(rows)
+    assert fast.equals(full.select(fast.columns))
+
+
+TIMESTAMP_FORMS = [
+    separator + fraction + zone
+    for separator in ("T", " ")
+    for fraction in ("", ".5", ".123", ".123456")
+    for zone in ("", "Z", "+00:00")
+]
+
+
+@pytest.mark.parametrize("form", TIMESTAMP_FORMS, ids=repr)
+def test_a_chunk_in_any_accepted_timestamp_form_takes_the_fast_path(form: str) -> None:
+    """Every row of a chunk written in one accepted form parses as written, to the full rules' value."""
+    from pipeline.validate import _parsed_as_written, _validate_fully, timestamp_forms
+
+    separator, suffix = form[0], form[1:]
+    stamps = [f"2025-04-{day:02d}{separator}{hour:02d}:27:59{suffix}" for day in (1, 30) for hour in (0, 23)]
+    frame = text_frame(ORDERS, [valid_order(order_timestamp=stamp, date=stamp[:10]) for stamp in stamps])
+    column = next(column for column in ORDERS.columns if column.name == "order_timestamp")
+    forms = timestamp_forms(frame, ORDERS)
+    fast = frame.select(_parsed_as_written(column, pl.col("order_timestamp"), forms["order_timestamp"]))
+    assert fast.to_series().null_count() == 0
+    full = _validate_fully(frame, ORDERS, set()).get_column("typed__order_timestamp")
+    assert fast.to_series().equals(full, check_names=False)
+    assert validate(frame, ORDERS).get_column(REASONS).list.len().sum() == 0
+
+
+def _timestamp_text() -> st.SearchStrategy[str]:
+    """Text near the accepted timestamp forms: every part may be right, wrong or missing."""
+    digits = st.text("0123456789", min_size=1, max_size=4)
+    part = st.one_of(
+        digits, st.sampled_from(["2025", "0000", "9999", "04", "13", "00", "23", "24", "59", "60"])
+    )
+    separator = st.sampled_from(["T", " ", "t", "  ", ""])
+    fraction = st.one_of(st.just(""), st.builds(lambda d: "." + d, st.text("0123456789", max_size=8)))
+    zone = st.sampled_from(["", "Z", "+00:00", "+01:00", "z", " "])
+    return st.builds(
+        lambda y, mo, d, sep, h, mi, s, f, z, pad: f"{pad}{y}-{mo}-{d}{sep}{h}:{mi}:{s}{f}{z}",
+        part,
+        part,
+        part,
+        separator,
+        part,
+        part,
+        part,
+        fraction,
+        zone,
+        st.sampled_from(["", " "]),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_timestamp_text(), min_size=1, max_size=30))
+def test_the_fast_path_agrees_with_the_full_rules_on_any_timestamp_text(stamps: list[str]) -> None:
+    from pipeline.validate import _validate_fully
+
+    frame = text_frame(ORDERS, [valid_order(order_timestamp=stamp) for stamp in stamps]).with_row_index("row")
+    fast = validate(frame, ORDERS).sort("row")
+    full = _validate_fully(frame, ORDERS, set()).sort("row")
     assert fast.equals(full.select(fast.columns))

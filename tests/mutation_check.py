@@ -1,0 +1,183 @@
+"""Mutation check: remove one trust rule at a time and see the tests that keep it fail.
+
+Not part of the test run (it takes minutes): ``python -m tests.mutation_check``. Each mutant is
+applied to a copy of the working tree (``git ls-files``), imported first through ``PYTHONPATH``, and the
+named tests are run against it; a mutant that no test kills is printed as SURVIVED and the exit code is 1.
+A control run with no mutation must pass, else the figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    rule: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant(
+        "dates and timestamps lie in years 0001-9999",
+        "pipeline/validate.py",
+        'return value.str.contains(pattern) & ~value.str.starts_with("0000")',
+        "return value.str.contains(pattern)",
+        ("tests/unit/test_validate.py",),
+    ),
+    Mutant(
+        "a row older than the lakehouse's row is stale_row",
+        "pipeline/dedup.py",
+        "if spec.order_by is None or stored is None:",
+        "if True:",
+        ("tests/unit/test_dedup.py", "tests/integration/test_batch.py"),
+    ),
+    Mutant(
+        "the first write of a table conflicts like every later one",
+        "pipeline/delta.py",
+        'mode="error",',
+        'mode="append",',
+        ("tests/integration/test_races.py", "tests/integration/test_merge.py"),
+    ),
+    Mutant(
+        "a quote still open at the end of the file is one malformed record",
+        "pipeline/records.py",
+        "            if state.in_quote:\n                text = reader.kept",
+        "            if False:\n                text = reader.kept",
+        ("tests/unit/test_records.py", "tests/unit/test_reader.py"),
+    ),
+    Mutant(
+        "an empty line is not a record",
+        "pipeline/records.py",
+        "empty = starts == ends",
+        "empty = starts < 0",
+        ("tests/unit/test_reader.py",),
+    ),
+    Mutant(
+        "header names differing only in case are matched",
+        "pipeline/reader.py",
+        "column = folded.get(name.casefold())",
+        "column = None",
+        ("tests/unit/test_reader.py",),
+    ),
+    Mutant(
+        "a file changed while it was read is refused",
+        "pipeline/reader.py",
+        "if expected_digest is not None and stream.digest != expected_digest:",
+        "if False:",
+        ("tests/unit/test_reader.py", "tests/integration/test_batch.py"),
+    ),
+    Mutant(
+        "a S3 download holds only while the object is the snapshot's (If-Match)",
+        "pipeline/storage.py",
+        """Bucket=self.bucket, Key=self._key(key), IfMatch=f'"{etag}"', Range=f"bytes={start}-{end}\"""",
+        """Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}\"""",
+        ("tests/integration/test_s3.py",),
+    ),
+    Mutant(
+        "content loaded by a succeeded batch is skipped",
+        "pipeline/manifest.py",
+        "entry = replace(entry, loaded_by=loaded_by(store, entry))",
+        "pass",
+        ("tests/integration/test_batch.py",),
+    ),
+    Mutant(
+        "a lock whose process is gone from this machine is taken over",
+        "pipeline/lock.py",
+        "if not process_alive(pid) or (",
+        "if False and (",
+        ("tests/unit/test_lock.py", "tests/integration/test_signals.py"),
+    ),
+    Mutant(
+        "unlock refuses a live holder unless forced",
+        "pipeline/lock.py",
+        "if not force and stale_reason(fields) is None:",
+        "if False:",
+        ("tests/unit/test_lock.py", "tests/integration/test_cli.py"),
+    ),
+    Mutant(
+        "a signal exits with 128 + its number",
+        "pipeline/cli.py",
+        "sys.exit(128 + stop.signum)",
+        "sys.exit(0)",
+        ("tests/integration/test_signals.py",),
+    ),
+)
+
+
+def _copy_tree(target: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    for name in files:
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def _run(tree: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-m", "", "-p", "no:cacheprovider", *tests],
+        cwd=tree,
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    return result.returncode == 0, time.monotonic() - started
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
+        tree = Path(scratch)
+        _copy_tree(tree)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import pipeline; print(pipeline.__file__)"],
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not probe.startswith(str(tree)):
+            print(f"the copy is not the one imported ({probe}); nothing would be measured")
+            return 2
+        all_tests = tuple(sorted({test for mutant in MUTANTS for test in mutant.tests}))
+        passed, seconds = _run(tree, all_tests)
+        print(f"control (no mutation): {'passed' if passed else 'FAILED'} in {seconds:.0f} s")
+        if not passed:
+            return 2
+        survived = 0
+        for mutant in MUTANTS:
+            path = tree / mutant.path
+            original = path.read_text()
+            if original.count(mutant.old) != 1:
+                print(f"{mutant.rule}: the text to mutate is not found once in {mutant.path}")
+                return 2
+            path.write_text(original.replace(mutant.old, mutant.new))
+            try:
+                passed, seconds = _run(tree, mutant.tests)
+            finally:
+                path.write_text(original)
+            survived += passed
+            print(f"{'SURVIVED' if passed else 'killed  '} {seconds:5.0f} s  {mutant.rule}")
+        print(f"{len(MUTANTS) - survived} of {len(MUTANTS)} mutants killed")
+        return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
