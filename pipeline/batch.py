@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import polars as pl
 
@@ -60,7 +62,16 @@ from pipeline.report import (
     step_report_key,
 )
 from pipeline.specs import TABLES, TableSpec
-from pipeline.storage import Store
+from pipeline.stages import (
+    BUCKET,
+    DEFAULT_MEMORY_BUDGET,
+    Plan,
+    Staging,
+    bucket_of,
+    partition_groups,
+    plan_for,
+)
+from pipeline.storage import DOWNLOAD_PREFIX, Store, remove_stale_downloads
 from pipeline.validate import REASONS, TIMESTAMP, split_valid, validate
 
 LAKEHOUSE = "lakehouse-dwh"
@@ -209,13 +220,20 @@ def run_step(
     *,
     progress: Progress = _quiet,
     now: datetime | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    plan: Plan | None = None,
 ) -> StepReport:
     """Validate, deduplicate and integrity-check one table's files of a batch, then MERGE them.
 
     Rejected rows replace whatever this batch rejected before in ``rejected/<table>``, and the MERGE
-    changes nothing on a replay, so a step is safe to run again.
+    changes nothing on a replay, so a step is safe to run again. A table whose files would hold more
+    than ``memory_budget`` is resolved bucket by bucket and merged group by group (``plan``, by default
+    from the budget; see ``pipeline.stages``), which gives the very same rows.
     """
     started = time.monotonic()
+    if plan is None:
+        loaded = sum(entry.size for entry in manifest.files[spec.name] if not entry.loaded_by)
+        plan = plan_for(loaded, memory_budget)
     batch_id = manifest.batch_id
     typed_columns = [typed(name) for name in spec.column_names]
     valid_parts: list[pl.DataFrame] = []
@@ -249,8 +267,17 @@ def run_step(
                 extra_columns[entry.key] = layout.extra
             sources.append((entry.key, path, layout))
 
+        staging = (
+            Staging(Path(local_copies.enter_context(tempfile.TemporaryDirectory(prefix=_staging_prefix()))))
+            if plan.staged
+            else None
+        )
+        rows_per_partition: Counter[Any] = Counter()
         readable = [(index, source) for index, source in enumerate(sources) if source[2].field_count]
-        progress(f"{spec.name}: reading {len(readable)} file(s)")
+        progress(
+            f"{spec.name}: reading {len(readable)} file(s)"
+            + (f" into {plan.buckets} buckets of keys" if staging else "")
+        )
         streams = []
         for index, (name, path, layout) in readable:
             stats[index] = ReadStats()
@@ -268,7 +295,13 @@ def run_step(
             valid_rows, invalid_rows = split_valid(chunk.records, spec, missing, keep=[SOURCE_LINE])
             # Kept text must not pin the block it was read from (see ``detached``).
             rejected_parts.append(detached(_rejected_rows(invalid_rows, spec)))
-            valid_parts.append(detached(valid_rows.select(*typed_columns, _order_of(file_index))))
+            typed_rows = valid_rows.select(*typed_columns, _order_of(file_index))
+            if staging is None:
+                valid_parts.append(detached(typed_rows))
+            else:
+                counts = typed_rows.get_column(typed(spec.partition_by)).value_counts()
+                rows_per_partition.update(dict(counts.iter_rows()))
+                staging.put_split("parsed", typed_rows.with_columns(bucket_of(spec, plan.buckets)), BUCKET)
         empty_lines = {
             **record_less,
             **{sources[index][0]: read.empty_lines for index, read in stats.items() if read.empty_lines},
@@ -278,7 +311,11 @@ def run_step(
         progress(f"{spec.name}: deduplicating and checking references")
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
         del valid_parts
-        if valid.height:
+        moved_from: list[Any] = []
+        if staging is not None:
+            kept, late, moved_from = _resolve_staged(store, spec, staging, plan, rows_per_partition, progress)
+            rows, keep, stored_partitions = pl.DataFrame(), pl.Series("keep", [], pl.Boolean), []
+        elif valid.height:
             # Lazily and together: Polars then hashes the columns in parallel (measured on the 33 M
             # order items: 0.5 s instead of 1.1 s for eager uniques one after the other).
             uniques = pl.collect_all(
@@ -296,7 +333,8 @@ def run_step(
             rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
             late, stored_partitions = pl.DataFrame(), []
 
-        kept = int(keep.sum())
+        if staging is None:
+            kept = int(keep.sum())
         rejected_rows = sum(part.height for part in rejected_parts) + late.height
         if kept + rejected_rows != rows_in:
             raise LakehouseError(
@@ -308,9 +346,13 @@ def run_step(
         # delta-rs leaves a core idle most of the time and those steps hold the GIL part of theirs.
         # The two commits are independent, each safe to repeat, so their order does not matter.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge") as merger:
-            progress(f"{spec.name}: merging {kept:,} rows")
-            merging = (
-                merger.submit(
+            progress(f"{spec.name}: merging {kept:,} rows" + (f" in {plan.groups} groups" if staging else ""))
+            if not kept:
+                merging = None
+            elif staging is not None:
+                merging = merger.submit(_merge_staged, store, spec, staging, plan, moved_from)
+            else:
+                merging = merger.submit(
                     delta.merge_rows,
                     table_uri(store, spec.name),
                     rows,
@@ -318,9 +360,6 @@ def run_step(
                     keep=keep,
                     stored_partitions=stored_partitions,
                 )
-                if kept
-                else None
-            )
             if late.height:
                 progress(f"{spec.name}: taking the original text of {late.height:,} rows rejected late")
                 rejected_parts.append(
@@ -368,8 +407,7 @@ def _layout_notes(source: str, layout: FileLayout) -> list[str]:
 def _stored_rows(store: Store, spec: TableSpec, keys: pl.Series) -> pl.DataFrame:
     """The lakehouse's key, partition and ordering value of the rows stored under ``keys`` now."""
     columns = [spec.partition_by, *([spec.order_by] if spec.order_by else [])]
-    unique = keys.unique().alias(spec.primary_key)
-    return delta.stored_rows(table_uri(store, spec.name), spec, unique, columns)
+    return delta.stored_rows(table_uri(store, spec.name), spec, keys, columns)
 
 
 def _stored_order(stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:
@@ -380,6 +418,90 @@ def _stored_order(stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:
         pl.col(spec.primary_key).alias(typed(spec.primary_key)),
         pl.col(spec.order_by).cast(TIMESTAMP).alias(typed(spec.order_by)),
     )
+
+
+def _staging_prefix() -> str:
+    # The downloads' prefix and pid: a killed run's staged files are swept like its downloads.
+    remove_stale_downloads()
+    return f"{DOWNLOAD_PREFIX}{os.getpid()}-staging-"
+
+
+def _resolve_staged(
+    store: Store,
+    spec: TableSpec,
+    staging: Staging,
+    plan: Plan,
+    rows_per_partition: Counter[Any],
+    progress: Progress,
+) -> tuple[int, pl.DataFrame, list[Any]]:
+    """Resolve the staged valid rows bucket by bucket; stage the survivors by group of partitions.
+
+    Survivors whose key the lakehouse stores in another partition are staged apart (``moves``): they
+    are merged last, with both partitions in the predicate. Returns the survivors' count, the rows
+    rejected late (typed, with ``_order`` and reasons) and the partitions the moving keys leave.
+    """
+    typed_columns = [typed(name) for name in spec.column_names]
+    part = typed(spec.partition_by)
+    groups = partition_groups(rows_per_partition, plan.groups)
+    kept, late_parts, moved_from = 0, [], set()
+    for bucket in range(plan.buckets):
+        valid = staging.take("parsed", bucket)
+        if valid is None:
+            continue
+        progress(f"{spec.name}: resolving bucket {bucket + 1} of {plan.buckets} ({valid.height:,} rows)")
+        uniques = pl.collect_all(
+            [valid.lazy().select(pl.col(typed(fk.column)).unique()) for fk in spec.foreign_keys]
+        )
+        referenced = {fk.column: found.to_series() for fk, found in zip(spec.foreign_keys, uniques)}
+        known = _known_references(store, spec, referenced)
+        stored = _stored_rows(store, spec, valid.get_column(typed(spec.primary_key)))
+        keep, late = survivor_mask(valid, spec, known, _stored_order(stored, spec))
+        late_parts.append(late.select(*typed_columns, ORDER, REASONS))
+        survivors = valid.filter(keep).select(typed_columns)
+        del valid, keep
+        kept += survivors.height
+        moving = _moving_keys(survivors, stored, spec)
+        if moving is not None and moving.height:
+            is_moving = pl.col(typed(spec.primary_key)).is_in(
+                moving.get_column(typed(spec.primary_key)).implode()
+            )
+            staging.put("moves", 0, survivors.filter(is_moving))
+            moved_from |= set(moving.get_column("stored__").to_list())
+            survivors = survivors.filter(~is_moving)
+        group = pl.col(part).replace_strict(list(groups), list(groups.values()), return_dtype=pl.Int32)
+        staging.put_split("resolved", survivors.with_columns(group.alias("group__")), "group__")
+        del survivors, stored  # before the next bucket is read
+    late = pl.concat(late_parts) if late_parts else pl.DataFrame()
+    return kept, late, sorted(moved_from)
+
+
+def _moving_keys(survivors: pl.DataFrame, stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:
+    """The survivors' keys stored under another partition now, with that partition (``stored__``)."""
+    key, part = typed(spec.primary_key), spec.partition_by
+    if not stored.height or stored.schema[part] == pl.Null:
+        return None
+    own = survivors.select(key, pl.col(typed(part)).cast(stored.schema[part]).alias("own__"))
+    theirs = stored.select(pl.col(spec.primary_key).alias(key), pl.col(part).alias("stored__"))
+    return own.join(theirs, on=key).filter(pl.col("own__") != pl.col("stored__")).select(key, "stored__")
+
+
+def _merge_staged(
+    store: Store, spec: TableSpec, staging: Staging, plan: Plan, moved_from: list[Any]
+) -> delta.MergeResult:
+    """MERGE the staged survivors group by group, then the moving keys; the sums of what they did."""
+    uri = table_uri(store, spec.name)
+    names = {typed(name): name for name in spec.column_names}
+    inserted = updated = 0
+    version = None
+    for part, stored_partitions in [*((group, []) for group in range(plan.groups)), (None, moved_from)]:
+        rows = staging.take("resolved", part) if part is not None else staging.take("moves", 0)
+        if rows is None:
+            continue
+        # The group's own partitions are its predicate; the moving keys' also name where they leave.
+        merged = delta.merge_rows(uri, rows.rename(names), spec, stored_partitions=stored_partitions)
+        del rows
+        inserted, updated, version = inserted + merged.inserted, updated + merged.updated, merged.version
+    return delta.MergeResult(inserted, updated, version)
 
 
 def _write_rejected(
@@ -436,13 +558,20 @@ def maintain_tables(
 
 
 def run_batch(
-    store: Store, *, progress: Progress = _quiet, now: datetime | None = None, force: bool = False
+    store: Store,
+    *,
+    progress: Progress = _quiet,
+    now: datetime | None = None,
+    force: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    plan: Plan | None = None,
 ) -> BatchReport:
     """Process one batch: resume the unfinished one if there is one, else snapshot ``raw/``.
 
     Any failure raises with the step named; raw files stay in ``raw/`` until every step has
     committed, and running again resumes the same batch. Files whose content a succeeded batch
-    loaded already are skipped (and archived) unless ``force``.
+    loaded already are skipped (and archived) unless ``force``. ``memory_budget`` and ``plan`` are
+    passed to each step (``run_step``).
     """
     started_at = now or datetime.now(timezone.utc)
     started = time.monotonic()
@@ -468,7 +597,10 @@ def run_batch(
             report = load_step_report(store, manifest.batch_id, spec.name)
             if report is None:
                 _still_held(lock)
-                report = _guard(spec.name, partial(run_step, store, manifest, spec, progress=progress))
+                step = partial(
+                    run_step, store, manifest, spec, progress=progress, memory_budget=memory_budget, plan=plan
+                )
+                report = _guard(spec.name, step)
                 save_step_report(store, manifest.batch_id, report)
             steps.append(report)
         _still_held(lock)

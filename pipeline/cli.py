@@ -86,11 +86,35 @@ def generate(
     out.print(f"{len(result.files)} files written under {store.uri('raw/')}")
 
 
+MEMORY_BUDGET_DEFAULT = "3GiB"
+MEMORY_BUDGET_HELP = (
+    "Memory a table's step may hold (e.g. 3GiB, 512MiB): a table whose files need more is resolved in "
+    "buckets of keys and merged in groups of partitions."
+)
+
+
+def parse_size(value: str) -> int:
+    from pipeline.stages import parse_size as parse  # polars is imported only by commands that need it
+
+    return parse(value)
+
+
+def _memory_budget(value: str) -> str:
+    try:
+        parse_size(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    return value
+
+
 @app.command()
 def run(
     root: str = typer.Option(..., "--root", help=ROOT_HELP),
     force: bool = typer.Option(
         False, "--force", help="Load files even if a succeeded batch loaded the same content already."
+    ),
+    memory_budget: str = typer.Option(
+        MEMORY_BUDGET_DEFAULT, "--memory-budget", help=MEMORY_BUDGET_HELP, callback=_memory_budget
     ),
 ) -> None:
     """Process one batch: every CSV now in ROOT/raw/ (or resume the unfinished batch)."""
@@ -99,7 +123,9 @@ def run(
 
     store = open_store(root)
     with console.status("starting") as status:
-        report = run_batch(store, progress=_progress(status), force=force)
+        report = run_batch(
+            store, progress=_progress(status), force=force, memory_budget=parse_size(memory_budget)
+        )
     _print_summary(report)
 
 
@@ -109,6 +135,9 @@ def step(
     root: str = typer.Option(..., "--root", help=ROOT_HELP),
     manifest: str = typer.Option(
         ..., "--manifest", help="The batch manifest: a key under ROOT, its full URI, or a batch id."
+    ),
+    memory_budget: str = typer.Option(
+        MEMORY_BUDGET_DEFAULT, "--memory-budget", help=MEMORY_BUDGET_HELP, callback=_memory_budget
     ),
 ) -> None:
     """Run one table's step of a batch (what a Fargate task or Glue job runs)."""
@@ -130,7 +159,9 @@ def step(
         return
     with console.status(f"{table}") as status:
         try:
-            report = run_step(store, batch, spec, progress=_progress(status))
+            report = run_step(
+                store, batch, spec, progress=_progress(status), memory_budget=parse_size(memory_budget)
+            )
         except LakehouseError as error:
             raise StepError(table, error) from error
     save_step_report(store, batch.batch_id, report)

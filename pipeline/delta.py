@@ -283,7 +283,8 @@ def stored_rows(uri: str, spec: TableSpec, keys: pl.Series, columns: Sequence[st
     if table is None:
         return pl.DataFrame(schema={spec.primary_key: keys.dtype, **{c: pl.Null for c in columns}})
     with _failures("read", uri):
-        return _rows_of_keys(table, spec, keys, columns)
+        # Unique only once the table exists: 0.7 s for 17 M keys that a full load has no use for.
+        return _rows_of_keys(table, spec, keys.unique().alias(spec.primary_key), columns)
 
 
 def _rows_of_keys(

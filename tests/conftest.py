@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +45,8 @@ def s3_root(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
-    bucket = "lake-" + request.node.name.lower().replace("_", "-")[:40]
+    # Readable and unique: parametrized tests share a long name prefix.
+    readable = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"lake-{readable}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
     boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     return f"s3://{bucket}/lakehouse"

@@ -108,6 +108,20 @@ MUTANTS = (
         ("tests/unit/test_lock.py", "tests/integration/test_cli.py"),
     ),
     Mutant(
+        "every row of a key is in one bucket of the staged step",
+        "pipeline/stages.py",
+        "key = pl.col(typed(spec.primary_key))",
+        'key = pl.col("_order")',
+        ("tests/integration/test_differential.py",),
+    ),
+    Mutant(
+        "a key that changes partition is merged with both partitions in the predicate",
+        "pipeline/batch.py",
+        "if moving is not None and moving.height:",
+        "if False:",
+        ("tests/integration/test_differential.py",),
+    ),
+    Mutant(
         "a signal exits with 128 + its number",
         "pipeline/cli.py",
         "sys.exit(128 + stop.signum)",

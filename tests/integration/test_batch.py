@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -605,3 +607,54 @@ def test_abandon_brings_archived_files_back_to_raw(root: Path, monkeypatch: pyte
     assert len(raw_files(root)) == 4 and not list((root / "archived").rglob("*.csv"))
     report = run_batch(store)
     assert {s.table: s.rows_in for s in report.steps}["products"] == 5
+
+
+def _rejected_state(root: Path) -> dict[str, pl.DataFrame]:
+    store = open_store(str(root))
+    return {
+        name: pl.read_delta(rejected_uri(store, name))
+        .drop("batch_id", "rejected_at")
+        .sort("source_file", "source_line", nulls_last=True)
+        for name in TABLES
+    }
+
+
+def test_a_staged_batch_failing_after_its_first_group_resumes_to_one_runs_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staged step commits group by group: a failure between two groups is repaired by running again."""
+    from pipeline.stages import Plan
+    from pipeline.storage import DOWNLOAD_PREFIX
+
+    plain, staged = tmp_path / "plain", tmp_path / "staged"
+    for lake in (plain, staged):
+        generate(open_store(str(lake)), scale=0.002, seed=13)
+    run_batch(open_store(str(plain)))
+
+    real_merge = delta.merge_rows
+    merges: list[str] = []
+
+    def failing_second_merge(
+        uri: str, rows: pl.DataFrame, spec: TableSpec, **kwargs: Any
+    ) -> delta.MergeResult:
+        merges.append(spec.name)
+        if merges.count("order_items") == 2:
+            raise OSError("disk full")
+        return real_merge(uri, rows, spec, **kwargs)
+
+    monkeypatch.setattr(delta, "merge_rows", failing_second_merge)
+    store = open_store(str(staged))
+    with pytest.raises(StepError, match="step order_items failed"):
+        run_batch(store, plan=Plan(3, 4))
+    assert delta.count_rows(table_uri(store, "order_items")) > 0  # the first group committed
+    monkeypatch.setattr(delta, "merge_rows", real_merge)
+    report = run_batch(store, plan=Plan(3, 4))
+
+    assert raw_files(staged) == []
+    expected, got = table_state(plain), table_state(staged)
+    assert all(got[name].equals(expected[name]) for name in TABLES)
+    assert all(frame.equals(_rejected_state(plain)[name]) for name, frame in _rejected_state(staged).items())
+    items = next(step for step in report.steps if step.table == "order_items")
+    assert items.unchanged > 0  # the first group's rows, merged before the failure, are found unchanged
+    leftovers = list(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}{os.getpid()}-staging-*"))
+    assert leftovers == []

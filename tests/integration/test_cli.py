@@ -82,3 +82,22 @@ def test_abandon_and_unlock_say_what_they_did(root: Path, capsys: pytest.Capture
     assert "is not locked" in capsys.readouterr().out
     assert run_cli("abandon", "nothing", "--root", str(root)) == 1
     assert "no manifest at" in capsys.readouterr().err
+
+
+def test_a_small_memory_budget_stages_the_step_and_loads_the_same_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    roots = {budget: tmp_path / budget for budget in ("3GiB", "512KiB")}
+    for budget, root in roots.items():
+        assert run_cli("generate", "--root", str(root), "--scale", "0.001", "--seed", "4") == 0
+        assert run_cli("run", "--root", str(root), "--memory-budget", budget) == 0
+    counts = {
+        budget: {
+            name: delta.count_rows(table_uri(open_store(str(root)), name))
+            for name in ("products", "orders", "order_items")
+        }
+        for budget, root in roots.items()
+    }
+    assert counts["512KiB"] == counts["3GiB"] and counts["3GiB"]["order_items"] > 0
+    assert run_cli("run", "--root", str(tmp_path / "x"), "--memory-budget", "lots") == 2
+    assert "--memory-budget" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import pytest
 from pipeline.batch import rejected_uri, run_batch, table_uri
 from pipeline.errors import StepError
 from pipeline.specs import TABLES
+from pipeline.stages import Plan
 from pipeline.storage import open_store
 from tests import reference
 from tests.dirty import dirty_batches
@@ -73,6 +74,12 @@ def _rejected_key(table: str, columns: list[str], row: dict[str, Any]) -> tuple[
     )
 
 
+# The staged step (buckets of keys, groups of partitions) must give what one bucket and one group
+# give, which is what the reference gives.
+PLANS = [Plan(1, 1), Plan(3, 1), Plan(7, 4), Plan(1, 4)]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda plan: f"{plan.buckets}b{plan.groups}g")
 @pytest.mark.parametrize(
     "seed",
     [
@@ -84,7 +91,7 @@ def _rejected_key(table: str, columns: list[str], row: dict[str, Any]) -> tuple[
         pytest.param(6, marks=pytest.mark.slow),
     ],
 )
-def test_two_dirty_batches_give_what_the_reference_gives(root: Path, seed: int) -> None:
+def test_two_dirty_batches_give_what_the_reference_gives(root: Path, seed: int, plan: Plan) -> None:
     lake = reference.Lake()
     loaded: set[str] = set()
     store = open_store(str(root))
@@ -95,9 +102,9 @@ def test_two_dirty_batches_give_what_the_reference_gives(root: Path, seed: int) 
             expected = reference.run_batch(lake, batch, f"b{number}", loaded)
         except reference.ReferenceFileError as error:
             with pytest.raises(StepError):
-                run_batch(store)
+                run_batch(store, plan=plan)
             pytest.skip(f"seed {seed} makes a file error, refused by both: {error}")
-        report = run_batch(store)
+        report = run_batch(store, plan=plan)
         lake, loaded = expected.lake, expected.loaded_contents
         for row in expected.rejected:
             columns = TABLES[row["table"]].column_names

@@ -61,11 +61,15 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
             str(tmp_path / "b"),
             "--json",
             str(figures_file),
+            "--shapes",
+            "crlf,one-file",
         ]
     )
     figures = json.loads(figures_file.read_text())
     phases = {phase["phase"]: phase for phase in figures["phases"]}
-    assert {"floor", "full load", "daily batch", "replay", "maintain"} <= set(phases)
+    assert {"floor", "full load", "full load, unstaged", "daily batch", "replay", "maintain"} <= set(phases)
+    assert set(figures["shapes_vs_floor"]) == {"crlf", "one-file"}
+    assert phases["full load, crlf"]["rows"] == phases["full load"]["rows"]
     assert phases["replay"]["note"] == "no new commit"
     assert all(phase["peak_rss_gib"] > 0 and phase["wall_s"] > 0 for phase in phases.values())
     assert phases["daily batch"]["rows"] == phases["daily batch into scale 0.002"]["rows"]

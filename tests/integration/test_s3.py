@@ -74,11 +74,17 @@ def _options() -> dict[str, str]:
     return load_settings().delta_storage_options()
 
 
-def test_two_dirty_batches_on_s3_give_what_the_reference_gives(s3_root: str) -> None:
+@pytest.mark.parametrize("buckets_and_groups", [(1, 1), (3, 4)], ids=["whole", "staged"])
+def test_two_dirty_batches_on_s3_give_what_the_reference_gives(
+    s3_root: str, buckets_and_groups: tuple[int, int]
+) -> None:
     """The differential test on the moto server: exactly-once, stale rows and line numbers on S3 too."""
     from collections import Counter
 
+    from pipeline.stages import Plan
     from tests import reference
+
+    plan = Plan(*buckets_and_groups)
     from tests.dirty import dirty_batches
 
     store = open_store(s3_root)
@@ -89,7 +95,7 @@ def test_two_dirty_batches_on_s3_give_what_the_reference_gives(s3_root: str) -> 
                 store.write_bytes(key, data)
         expected = reference.run_batch(lake, batch, f"b{number}", loaded)
         lake, loaded = expected.lake, expected.loaded_contents
-        report = run_batch(store)
+        report = run_batch(store, plan=plan)
         for step in report.steps:
             counts = expected.counts[step.table]
             assert (step.rows_in, step.inserted, step.updated, step.rejected) == (
