@@ -66,6 +66,7 @@ from pipeline.stages import (
     BUCKET,
     DEFAULT_MEMORY_BUDGET,
     Plan,
+    StageClock,
     Staging,
     bucket_of,
     partition_groups,
@@ -231,6 +232,7 @@ def run_step(
     from the budget; see ``pipeline.stages``), which gives the very same rows.
     """
     started = time.monotonic()
+    clock = StageClock()
     if plan is None:
         loaded = sum(entry.size for entry in manifest.files[spec.name] if not entry.loaded_by)
         plan = plan_for(loaded, memory_budget)
@@ -273,6 +275,7 @@ def run_step(
             else None
         )
         rows_per_partition: Counter[Any] = Counter()
+        referenced_parts: dict[str, list[pl.Series]] = {fk.column: [] for fk in spec.foreign_keys}
         readable = [(index, source) for index, source in enumerate(sources) if source[2].field_count]
         progress(
             f"{spec.name}: reading {len(readable)} file(s)"
@@ -301,6 +304,10 @@ def run_step(
             else:
                 counts = typed_rows.get_column(typed(spec.partition_by)).value_counts()
                 rows_per_partition.update(dict(counts.iter_rows()))
+                for fk in spec.foreign_keys:
+                    referenced_parts[fk.column] = _compacted(
+                        [*referenced_parts[fk.column], typed_rows.get_column(typed(fk.column)).unique()]
+                    )
                 staging.put_split("parsed", typed_rows.with_columns(bucket_of(spec, plan.buckets)), BUCKET)
         empty_lines = {
             **record_less,
@@ -308,12 +315,21 @@ def run_step(
         }
         notes += [note for read in stats.values() for note in read.notes]
 
+        clock.mark("read")
         progress(f"{spec.name}: deduplicating and checking references")
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
         del valid_parts
         moved_from: list[Any] = []
         if staging is not None:
-            kept, late, moved_from = _resolve_staged(store, spec, staging, plan, rows_per_partition, progress)
+            # The references are looked up once for the whole batch, not once per bucket.
+            known = _known_references(
+                store,
+                spec,
+                {column: _compacted(parts, force=True)[0] for column, parts in referenced_parts.items()},
+            )
+            kept, late, moved_from = _resolve_staged(
+                store, spec, staging, plan, rows_per_partition, known, progress
+            )
             rows, keep, stored_partitions = pl.DataFrame(), pl.Series("keep", [], pl.Boolean), []
         elif valid.height:
             # Lazily and together: Polars then hashes the columns in parallel (measured on the 33 M
@@ -335,6 +351,7 @@ def run_step(
 
         if staging is None:
             kept = int(keep.sum())
+        clock.mark("resolve")
         rejected_rows = sum(part.height for part in rejected_parts) + late.height
         if kept + rejected_rows != rows_in:
             raise LakehouseError(
@@ -369,6 +386,7 @@ def run_step(
                 store, spec, batch_id, rejected_parts, now or datetime.now(timezone.utc), progress
             )
             merged = merging.result() if merging else None
+        clock.mark("write")
     inserted = merged.inserted if merged else 0
     updated = merged.updated if merged else 0
     return StepReport(
@@ -388,6 +406,9 @@ def run_step(
         empty_lines=empty_lines,
         notes=notes,
         skipped_files=skipped,
+        buckets=plan.buckets,
+        groups=plan.groups,
+        stages=clock.figures,
     )
 
 
@@ -432,6 +453,7 @@ def _resolve_staged(
     staging: Staging,
     plan: Plan,
     rows_per_partition: Counter[Any],
+    known: dict[str, pl.Series],
     progress: Progress,
 ) -> tuple[int, pl.DataFrame, list[Any]]:
     """Resolve the staged valid rows bucket by bucket; stage the survivors by group of partitions.
@@ -449,30 +471,53 @@ def _resolve_staged(
         if valid is None:
             continue
         progress(f"{spec.name}: resolving bucket {bucket + 1} of {plan.buckets} ({valid.height:,} rows)")
-        uniques = pl.collect_all(
-            [valid.lazy().select(pl.col(typed(fk.column)).unique()) for fk in spec.foreign_keys]
-        )
-        referenced = {fk.column: found.to_series() for fk, found in zip(spec.foreign_keys, uniques)}
-        known = _known_references(store, spec, referenced)
         stored = _stored_rows(store, spec, valid.get_column(typed(spec.primary_key)))
         keep, late = survivor_mask(valid, spec, known, _stored_order(stored, spec))
         late_parts.append(late.select(*typed_columns, ORDER, REASONS))
-        survivors = valid.filter(keep).select(typed_columns)
-        del valid, keep
-        kept += survivors.height
-        moving = _moving_keys(survivors, stored, spec)
+        survivors = int(keep.sum())
+        kept += survivors
+        moving = (
+            _moving_keys(valid.select(typed(spec.primary_key), part).filter(keep), stored, spec)
+            if stored.height
+            else None
+        )
+        staged = 0
         if moving is not None and moving.height:
-            is_moving = pl.col(typed(spec.primary_key)).is_in(
-                moving.get_column(typed(spec.primary_key)).implode()
-            )
-            staging.put("moves", 0, survivors.filter(is_moving))
+            moves = valid.select(
+                pl.col(typed(spec.primary_key)).is_in(moving.get_column(typed(spec.primary_key)).implode())
+            ).to_series()
+            staging.put("moves", 0, valid.filter(keep & moves).select(typed_columns))
+            staged += int((keep & moves).sum())
             moved_from |= set(moving.get_column("stored__").to_list())
-            survivors = survivors.filter(~is_moving)
-        group = pl.col(part).replace_strict(list(groups), list(groups.values()), return_dtype=pl.Int32)
-        staging.put_split("resolved", survivors.with_columns(group.alias("group__")), "group__")
-        del survivors, stored  # before the next bucket is read
+            keep = keep & ~moves
+        # Each group's survivors are cut straight from the bucket: one copy of each row, not two.
+        group = valid.select(
+            pl.col(part)
+            .replace_strict(list(groups), list(groups.values()), default=0, return_dtype=pl.Int32)
+            .fill_null(0)  # a null partition (a spec may allow one) merges with the first group
+        ).to_series()
+        for number in sorted(set(groups.values())):
+            piece = valid.filter(keep & (group == number)).select(typed_columns)
+            staged += piece.height
+            staging.put("resolved", number, piece)
+            del piece
+        if staged != survivors:
+            raise LakehouseError(
+                f"{spec.name}: bucket {bucket + 1} has {survivors} surviving rows but {staged} were staged; "
+                "refusing to write"
+            )
+        del valid, keep, group, stored  # before the next bucket is read
     late = pl.concat(late_parts) if late_parts else pl.DataFrame()
     return kept, late, sorted(moved_from)
+
+
+def _compacted(parts: list[pl.Series], *, force: bool = False) -> list[pl.Series]:
+    """``parts`` of distinct values, made one once they are many (bounded by the distinct values)."""
+    if not force and len(parts) < 16:
+        return parts
+    if not parts:
+        return [pl.Series([], dtype=pl.Int32)]
+    return [pl.concat(parts).unique()]
 
 
 def _moving_keys(survivors: pl.DataFrame, stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:

@@ -139,6 +139,18 @@ def reshape(source: Path, target: Path, shape: str) -> None:
                     output.write(b"\n")  # the next file's first line must not join this one's last
 
 
+def _stages(report: dict[str, Any]) -> dict[str, Any]:
+    """Per step: its buckets and groups, and each stage's seconds and the peak memory by its end."""
+    return {
+        step["table"]: {
+            "buckets": step.get("buckets", 1),
+            "groups": step.get("groups", 1),
+            **step.get("stages", {}),
+        }
+        for step in report["steps"]
+    }
+
+
 def _link_raw(source: Path, target: Path) -> None:
     """``source``'s raw files in ``target`` as hard links (a copy where links are refused)."""
     for path in sorted((source / "raw").rglob("*.csv")):
@@ -184,6 +196,7 @@ def run_bench(
     root: str | None = None,
     seed: int = 42,
     shapes: list[str] | None = None,
+    triple: bool = False,
     progress: Progress,
 ) -> dict[str, Any]:
     """Run every phase and return the figures (see the README's benchmark section)."""
@@ -211,6 +224,7 @@ def run_bench(
     unstaged = _measure(
         "full load, unstaged", _cli("run", "--root", str(whole), "--memory-budget", "1TiB"), logs
     )
+    unstaged_report = _latest_report(whole)
     shutil.rmtree(whole)
     progress("full load")
     full = _measure("full load", _cli("run", "--root", str(big)), logs)
@@ -222,6 +236,31 @@ def run_bench(
     full["note"] = f"{full['wall_s'] / floor['wall_s']:.2f}x its floor; default --memory-budget"
     unstaged["note"] = f"{unstaged['wall_s'] / floor['wall_s']:.2f}x the floor"
     phases += [generated, floor, full, unstaged, *shape_phases]
+    growth: dict[str, float] = {}
+    if triple:
+        progress(f"the batch three times over (scale {3 * scale})")
+        thrice = base / "thrice"
+        if thrice.exists():
+            shutil.rmtree(thrice)
+        _measure(
+            "generate 3x",
+            _cli("generate", "--root", str(thrice), "--scale", str(3 * scale), "--seed", str(seed)),
+            logs,
+        )
+        tripled = _measure("full load, 3x", _cli("run", "--root", str(thrice)), logs)
+        tripled["rows"] = _rows_in(_latest_report(thrice))
+        tripled["rows_per_s"] = round(tripled["rows"] / tripled["wall_s"])
+        growth = {
+            "rows": round(tripled["rows"] / rows_total, 2),
+            "wall": round(tripled["wall_s"] / full["wall_s"], 2),
+            "peak_rss": round(tripled["peak_rss_gib"] / full["peak_rss_gib"], 2),
+        }
+        tripled["note"] = (
+            f"{growth['rows']}x the rows: {growth['wall']}x the time (target 3.3x), "
+            f"{growth['peak_rss']}x the peak (target 1.25x)"
+        )
+        phases.append(tripled)
+        shutil.rmtree(thrice)
 
     progress("generating the daily batch")
     products_small = max(10, round(PRODUCTS_AT_SCALE_1 * small_scale))
@@ -296,6 +335,8 @@ def run_bench(
         "phases": phases,
         "full_load_vs_floor": round(full["wall_s"] / floor["wall_s"], 2),
         "growth_ratio": round(daily["wall_s"] / grown["wall_s"], 2),
+        "three_times_over": growth,
+        "stages": {"full load": _stages(full_report), "full load, unstaged": _stages(unstaged_report)},
         "shapes_vs_floor": {
             phase["phase"].removeprefix("full load, "): round(phase["wall_s"] / floor_of["wall_s"], 2)
             for floor_of, phase in zip(shape_phases[::2], shape_phases[1::2])
@@ -364,6 +405,14 @@ def print_figures(figures: dict[str, Any], console: Console) -> None:
             phase.get("note", ""),
         )
     console.print(table)
+    for load, steps in figures["stages"].items():
+        for table, step in steps.items():
+            stages = ", ".join(
+                f"{name} {value['seconds']:.1f} s (peak {value['peak_rss_gib']:.2f} GiB)"
+                for name, value in step.items()
+                if isinstance(value, dict)
+            )
+            console.print(f"{load}, {table} ({step['buckets']} buckets, {step['groups']} groups): {stages}")
     worst = max(figures["shapes_vs_floor"].items(), key=lambda item: item[1], default=None)
     if worst:
         console.print(f"slowest input shape: {worst[0]}, {worst[1]}x its floor (target: at most 2x)")

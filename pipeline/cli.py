@@ -236,6 +236,9 @@ def bench(
         "--shapes",
         help="Input shapes to load besides the generated one, comma-separated, or 'none' (default: all).",
     ),
+    triple: bool = typer.Option(
+        False, "--triple", help="Also load the batch three times over (3x the scale): time and memory growth."
+    ),
 ) -> None:
     """Benchmark: floor, full load and input shapes, daily batch, replay, growth, maintenance."""
     from pipeline.bench import SHAPES, print_figures, run_bench
@@ -255,6 +258,7 @@ def bench(
             root=root,
             seed=seed,
             shapes=chosen,
+            triple=triple,
             progress=_progress(status),
         )
     print_figures(figures, out)

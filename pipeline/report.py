@@ -29,6 +29,9 @@ class StepReport:
     empty_lines: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     skipped_files: dict[str, str] = field(default_factory=dict)
+    buckets: int = 1
+    groups: int = 1
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -11,7 +11,10 @@ whole is one bucket and one group, and then nothing is staged at all.
 from __future__ import annotations
 
 import math
+import resource
 import shutil
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from itertools import count
@@ -83,6 +86,29 @@ def partition_groups(rows_per_value: Counter[Any], groups: int) -> dict[Any, int
         assigned[value] = group
         filled += rows_per_value[value]
     return assigned
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+class StageClock:
+    """Seconds of each stage of a step, and the process's peak memory by the end of each (a peak so far:
+    the stage where it rises is the one that set it)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.figures: dict[str, dict[str, float]] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.monotonic()
+        self.figures[stage] = {
+            "seconds": round(now - self._last, 3),
+            "peak_rss_gib": round(peak_rss() / GIB, 2),
+        }
+        self._last = now
 
 
 class Staging:

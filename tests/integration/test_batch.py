@@ -656,5 +656,8 @@ def test_a_staged_batch_failing_after_its_first_group_resumes_to_one_runs_tables
     assert all(frame.equals(_rejected_state(plain)[name]) for name, frame in _rejected_state(staged).items())
     items = next(step for step in report.steps if step.table == "order_items")
     assert items.unchanged > 0  # the first group's rows, merged before the failure, are found unchanged
+    assert (items.buckets, items.groups) == (3, 4)
+    assert set(items.stages) == {"read", "resolve", "write"}
+    assert all(stage["peak_rss_gib"] > 0 for stage in items.stages.values())
     leftovers = list(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}{os.getpid()}-staging-*"))
     assert leftovers == []

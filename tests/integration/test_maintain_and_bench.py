@@ -63,12 +63,16 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
             str(figures_file),
             "--shapes",
             "crlf,one-file",
+            "--triple",
         ]
     )
     figures = json.loads(figures_file.read_text())
     phases = {phase["phase"]: phase for phase in figures["phases"]}
     assert {"floor", "full load", "full load, unstaged", "daily batch", "replay", "maintain"} <= set(phases)
     assert set(figures["shapes_vs_floor"]) == {"crlf", "one-file"}
+    assert 2.5 < figures["three_times_over"]["rows"] < 3.5
+    items = figures["stages"]["full load"]["order_items"]
+    assert items["buckets"] == 1 and items["read"]["seconds"] >= 0 and items["write"]["peak_rss_gib"] > 0
     assert phases["full load, crlf"]["rows"] == phases["full load"]["rows"]
     assert phases["replay"]["note"] == "no new commit"
     assert all(phase["peak_rss_gib"] > 0 and phase["wall_s"] > 0 for phase in phases.values())
