@@ -233,6 +233,7 @@ def run_step(
     """
     started = time.monotonic()
     clock = StageClock()
+    remove_stale_downloads()  # every step, staged or not: a killed run's folders go with the next one
     if plan is None:
         loaded = sum(entry.size for entry in manifest.files[spec.name] if not entry.loaded_by)
         plan = plan_for(loaded, memory_budget)
@@ -443,7 +444,6 @@ def _stored_order(stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:
 
 def _staging_prefix() -> str:
     # The downloads' prefix and pid: a killed run's staged files are swept like its downloads.
-    remove_stale_downloads()
     return f"{DOWNLOAD_PREFIX}{os.getpid()}-staging-"
 
 

@@ -146,3 +146,29 @@ def test_a_full_disk_is_one_sentence_without_rust_panics(tmp_path: Path) -> None
         assert len(list((disk / "raw").rglob("*.csv"))) == len(list((source / "raw").rglob("*.csv")))
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_killed_runs_staged_files_are_removed_by_the_next_local_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging folders are named like downloads; any next step sweeps them, staged itself or not."""
+    from pipeline.batch import run_batch
+    from pipeline.storage import open_store
+    from tests.helpers import write_raw
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = scratch / f"{DOWNLOAD_PREFIX}{int(dead.stdout)}-staging-abc"
+    (stale / "parsed" / "part-0").mkdir(parents=True)
+    (stale / "parsed" / "part-0" / "000000.parquet").write_bytes(b"x" * 100)
+    root = tmp_path / "lake"
+    write_raw(root, "products", "p.csv", "5,2,Books,Novel")
+    write_raw(root, "orders", "o.csv", "1,10,7,2025-04-01T11:27:00,12.50,2025-04-01")
+    write_raw(root, "order_items", "i.csv", "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01")
+    run_batch(open_store(str(root)))
+    assert not stale.exists()
+    assert list(scratch.iterdir()) == []

@@ -124,9 +124,11 @@ def test_two_dirty_batches_on_s3_give_what_the_reference_gives(
     assert after == before
 
 
+@pytest.mark.parametrize("after_the_check", [False, True], ids=["before the check", "after the check"])
 def test_an_object_replaced_while_its_step_downloads_it_fails_the_step(
-    s3_root: str, monkeypatch: pytest.MonkeyPatch
+    s3_root: str, monkeypatch: pytest.MonkeyPatch, after_the_check: bool
 ) -> None:
+    """Replaced before the download's size/ETag check, or between it and the ranged reads (If-Match)."""
     from pipeline.errors import StepError
     from pipeline.storage import S3Store
 
@@ -134,41 +136,19 @@ def test_an_object_replaced_while_its_step_downloads_it_fails_the_step(
     generate(store, scale=0.0005, seed=23)
     real = S3Store._download_exactly
 
-    def replaced_first(self: S3Store, key: str, etag: str, size: int | None, path: Path) -> None:
+    def replaced(self: S3Store, key: str, etag: str, size: int | None, path: Path) -> None:
         if "/orders/" in key:
+            checked = self.stat(key)
             body = self.read_bytes(key)
             self.write_bytes(key, body.replace(b"2025", b"2024", 1))
+            if after_the_check:
+                monkeypatch.setattr(self, "stat", lambda _key: checked)  # what the check saw
         real(self, key, etag, size, path)
 
-    monkeypatch.setattr(S3Store, "_download_exactly", replaced_first)
+    monkeypatch.setattr(S3Store, "_download_exactly", replaced)
     with pytest.raises(
         StepError, match=r"step orders failed: .*raw/orders/.* changed after its batch was snapshotted"
     ):
         run_batch(store)
     assert delta.count_rows(table_uri(store, "orders")) == 0
     assert len([k for k in keys(s3_root, "raw/") if k.endswith(".csv")]) > 3
-
-
-def test_an_object_replaced_after_its_check_is_refused_by_every_ranged_read(
-    s3_root: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The check before a download and the download itself are two requests: If-Match closes the gap."""
-    from pipeline.errors import StepError
-    from pipeline.storage import S3Store
-
-    store = open_store(s3_root)
-    generate(store, scale=0.0005, seed=29)
-    real = S3Store._download_exactly
-
-    def replaced_after_the_check(self: S3Store, key: str, etag: str, size: int | None, path: Path) -> None:
-        if "/orders/" in key:
-            checked = self.stat(key)
-            body = self.read_bytes(key)
-            self.write_bytes(key, body.replace(b"2025", b"2024", 1))
-            monkeypatch.setattr(self, "stat", lambda _key: checked)  # what the check saw
-        real(self, key, etag, size, path)
-
-    monkeypatch.setattr(S3Store, "_download_exactly", replaced_after_the_check)
-    with pytest.raises(StepError, match=r"step orders failed: .*raw/orders/.* changed after its batch"):
-        run_batch(store)
-    assert delta.count_rows(table_uri(store, "orders")) == 0
