@@ -18,7 +18,7 @@ import polars as pl
 
 from pipeline import delta
 from pipeline.archive import archive_batch, restore_batch
-from pipeline.dedup import ORDER, survivor_mask, typed
+from pipeline.dedup import DIGESTS, ORDER, row_digests, survivor_mask, typed
 from pipeline.errors import (
     BatchLockedError,
     CheckFailedError,
@@ -328,7 +328,7 @@ def run_step(
                 spec,
                 {column: _compacted(parts, force=True)[0] for column, parts in referenced_parts.items()},
             )
-            kept, late, moved_from = _resolve_staged(
+            kept, to_merge, late, moved_from = _resolve_staged(
                 store, spec, staging, plan, rows_per_partition, known, progress
             )
             rows, keep, stored_partitions = pl.DataFrame(), pl.Series("keep", [], pl.Boolean), []
@@ -342,16 +342,17 @@ def run_step(
             known = _known_references(store, spec, referenced)
             stored = _stored_rows(store, spec, valid.get_column(typed(spec.primary_key)))
             keep, late = survivor_mask(valid, spec, known, _stored_order(stored, spec))
+            kept = int(keep.sum())
+            keep = keep & ~_unchanged(valid, stored, spec)  # kept, but nothing to merge
+            to_merge = int(keep.sum())
             stored_partitions = stored.get_column(spec.partition_by).unique().to_list()
             # The survivors are not copied out: the merge filters them slice by slice with ``keep``.
             rows = valid.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
             del valid
         else:
-            rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
+            rows, keep, kept, to_merge = pl.DataFrame(), pl.Series("keep", [], pl.Boolean), 0, 0
             late, stored_partitions = pl.DataFrame(), []
 
-        if staging is None:
-            kept = int(keep.sum())
         clock.mark("resolve")
         rejected_rows = sum(part.height for part in rejected_parts) + late.height
         if kept + rejected_rows != rows_in:
@@ -364,8 +365,12 @@ def run_step(
         # delta-rs leaves a core idle most of the time and those steps hold the GIL part of theirs.
         # The two commits are independent, each safe to repeat, so their order does not matter.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge") as merger:
-            progress(f"{spec.name}: merging {kept:,} rows" + (f" in {plan.groups} groups" if staging else ""))
-            if not kept:
+            progress(
+                f"{spec.name}: merging {to_merge:,} rows"
+                + (f" in {plan.groups} groups" if staging else "")
+                + (f"; {kept - to_merge:,} are stored as they are" if kept > to_merge else "")
+            )
+            if not to_merge:
                 merging = None
             elif staging is not None:
                 merging = merger.submit(_merge_staged, store, spec, staging, plan, moved_from)
@@ -427,9 +432,30 @@ def _layout_notes(source: str, layout: FileLayout) -> list[str]:
 
 
 def _stored_rows(store: Store, spec: TableSpec, keys: pl.Series) -> pl.DataFrame:
-    """The lakehouse's key, partition and ordering value of the rows stored under ``keys`` now."""
+    """The lakehouse's key, partition, ordering value and row digests of the rows stored under ``keys``."""
     columns = [spec.partition_by, *([spec.order_by] if spec.order_by else [])]
-    return delta.stored_rows(table_uri(store, spec.name), spec, keys, columns)
+    as_typed = [
+        (pl.col(c.name).str.to_date("%Y-%m-%d") if c.type == "date" else pl.col(c.name)).alias(typed(c.name))
+        for c in spec.columns
+    ]
+    return delta.stored_rows(table_uri(store, spec.name), spec, keys, columns, row_digests(as_typed))
+
+
+def _unchanged(valid: pl.DataFrame, stored: pl.DataFrame, spec: TableSpec) -> pl.Series:
+    """Which ``valid`` rows equal, in every column, the row the lakehouse stores under their key.
+
+    They need no MERGE: a re-export or a replay of what is loaded then writes nothing at all. Rows are
+    compared by two 64-bit digests of all their typed columns (hashdiff), so the stored side is read as
+    key and digests only; two different rows agree on both with odds of about 2^-128.
+    """
+    key = typed(spec.primary_key)
+    if not stored.height or stored.schema[DIGESTS[0]] == pl.Null:
+        return pl.Series("unchanged", [False] * valid.height, pl.Boolean)
+    mine = valid.select(key, *row_digests([pl.col(typed(name)) for name in spec.column_names]))
+    theirs = stored.select(pl.col(spec.primary_key).alias(key), *DIGESTS, pl.lit(True).alias("unchanged"))
+    # Stored keys are unique, so the left join keeps one row per valid row, in order.
+    same = mine.join(theirs, on=[key, *DIGESTS], how="left", maintain_order="left")
+    return same.get_column("unchanged").fill_null(False)
 
 
 def _stored_order(stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:
@@ -455,17 +481,18 @@ def _resolve_staged(
     rows_per_partition: Counter[Any],
     known: dict[str, pl.Series],
     progress: Progress,
-) -> tuple[int, pl.DataFrame, list[Any]]:
+) -> tuple[int, int, pl.DataFrame, list[Any]]:
     """Resolve the staged valid rows bucket by bucket; stage the survivors by group of partitions.
 
     Survivors whose key the lakehouse stores in another partition are staged apart (``moves``): they
-    are merged last, with both partitions in the predicate. Returns the survivors' count, the rows
+    are merged last, with both partitions in the predicate. Survivors stored as they are already are
+    not staged. Returns the survivors' count, how many of them are to be merged, the rows
     rejected late (typed, with ``_order`` and reasons) and the partitions the moving keys leave.
     """
     typed_columns = [typed(name) for name in spec.column_names]
     part = typed(spec.partition_by)
     groups = partition_groups(rows_per_partition, plan.groups)
-    kept, late_parts, moved_from = 0, [], set()
+    kept, to_merge, late_parts, moved_from = 0, 0, [], set()
     for bucket in range(plan.buckets):
         valid = staging.take("parsed", bucket)
         if valid is None:
@@ -476,12 +503,15 @@ def _resolve_staged(
         late_parts.append(late.select(*typed_columns, ORDER, REASONS))
         survivors = int(keep.sum())
         kept += survivors
+        unchanged = keep & _unchanged(valid, stored, spec)
+        staged = int(unchanged.sum())  # kept as they are: nothing to merge
+        keep = keep & ~unchanged
+        to_merge += survivors - staged
         moving = (
             _moving_keys(valid.select(typed(spec.primary_key), part).filter(keep), stored, spec)
             if stored.height
             else None
         )
-        staged = 0
         if moving is not None and moving.height:
             moves = valid.select(
                 pl.col(typed(spec.primary_key)).is_in(moving.get_column(typed(spec.primary_key)).implode())
@@ -503,12 +533,13 @@ def _resolve_staged(
             del piece
         if staged != survivors:
             raise LakehouseError(
-                f"{spec.name}: bucket {bucket + 1} has {survivors} surviving rows but {staged} were staged; "
+                f"{spec.name}: bucket {bucket + 1} has {survivors} surviving rows but {staged} were staged "
+                "or unchanged; "
                 "refusing to write"
             )
-        del valid, keep, group, stored  # before the next bucket is read
+        del valid, keep, group, stored, unchanged  # before the next bucket is read
     late = pl.concat(late_parts) if late_parts else pl.DataFrame()
-    return kept, late, sorted(moved_from)
+    return kept, to_merge, late, sorted(moved_from)
 
 
 def _compacted(parts: list[pl.Series], *, force: bool = False) -> list[pl.Series]:

@@ -15,6 +15,18 @@ def typed(name: str) -> str:
     return f"typed__{name}"
 
 
+DIGESTS = ("digest_a__", "digest_b__")
+
+
+def row_digests(columns: list[pl.Expr]) -> list[pl.Expr]:
+    """Two independent 64-bit digests of a row of ``columns`` (fixed seeds: comparable within a run).
+
+    The columns must have the same types and order on both sides being compared.
+    """
+    row = pl.struct([column.alias(f"c{index}") for index, column in enumerate(columns)])
+    return [row.hash(seed=seed).alias(name) for seed, name in zip((7, 1_000_003), DIGESTS)]
+
+
 def repeated_values(values: pl.Series) -> pl.Series:
     """The values that occur more than once in ``values`` (nulls ignored).
 

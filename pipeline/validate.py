@@ -11,9 +11,9 @@ from pipeline.specs import Column, TableSpec
 REASONS = "reject_reasons"
 TIMESTAMP = pl.Datetime("us", "UTC")
 
-_DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 # Seconds stop at 59: chrono would roll a leap second :60 into the next minute.
-_TIMESTAMP = (
+TIMESTAMP_PATTERN = (
     r"^([0-9]{4}-[0-9]{2}-[0-9]{2})[T ]([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])"
     r"(\.[0-9]{1,6})?(Z|\+00:00)?$"
 )
@@ -58,11 +58,11 @@ def _parsed(column: Column, value: pl.Expr) -> pl.Expr:
             naive.str.to_datetime(pattern, strict=False, time_unit="us", time_zone="UTC")
             for pattern in ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f")
         )
-        return pl.when(_in_years(value, _TIMESTAMP)).then(parsed).otherwise(None)
+        return pl.when(_in_years(value, TIMESTAMP_PATTERN)).then(parsed).otherwise(None)
     if column.type == "date":
         # Held as a Date while in memory (4 bytes, not a 16-byte string view); stored as text.
         parsed = value.str.to_date("%Y-%m-%d", strict=False)
-        return pl.when(_in_years(value, _DATE)).then(parsed).otherwise(None)
+        return pl.when(_in_years(value, DATE_PATTERN)).then(parsed).otherwise(None)
     return value
 
 
@@ -109,7 +109,7 @@ def _parsed_as_written(column: Column, value: pl.Expr, form: tuple[str, bool] = 
             .otherwise(0)
         )
         parsed = whole + pl.duration(microseconds=micros)
-    return pl.when(_in_years(value, _TIMESTAMP)).then(parsed).otherwise(None)
+    return pl.when(_in_years(value, TIMESTAMP_PATTERN)).then(parsed).otherwise(None)
 
 
 def _in_years(value: pl.Expr, pattern: str) -> pl.Expr:

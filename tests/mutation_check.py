@@ -31,6 +31,20 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "a row's digest covers every column (an update in the last one is not lost)",
+        "pipeline/dedup.py",
+        'for index, column in enumerate(columns)])',
+        'for index, column in enumerate(columns[:-1])])',
+        ("tests/integration/test_unchanged.py",),
+    ),
+    Mutant(
+        "rows stored as they are already are not merged",
+        "pipeline/batch.py",
+        "if not stored.height or stored.schema[DIGESTS[0]] == pl.Null:",
+        "if True:",
+        ("tests/integration/test_unchanged.py",),
+    ),
+    Mutant(
         "dates and timestamps lie in years 0001-9999",
         "pipeline/validate.py",
         'return value.str.contains(pattern) & ~value.str.starts_with("0000")',

@@ -69,6 +69,11 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     figures = json.loads(figures_file.read_text())
     phases = {phase["phase"]: phase for phase in figures["phases"]}
     assert {"floor", "full load", "full load, unstaged", "daily batch", "replay", "maintain"} <= set(phases)
+    # The DuckDB pipeline of the same rules keeps exactly the rows the lakehouse wrote, table by table.
+    assert "same rows kept" in phases["DuckDB, same rules"]["note"]
+    assert figures["full_load_vs_duckdb"] > 0
+    assert phases["re-export"]["rows"] == phases["full load"]["rows"]
+    assert phases["re-export"]["note"].endswith("no new version of any lakehouse table")
     assert set(figures["shapes_vs_floor"]) == {"crlf", "one-file"}
     assert 2.5 < figures["three_times_over"]["rows"] < 3.5
     items = figures["stages"]["full load"]["order_items"]
