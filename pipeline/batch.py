@@ -452,10 +452,15 @@ def _unchanged(valid: pl.DataFrame, stored: pl.DataFrame, spec: TableSpec) -> pl
     if not stored.height or stored.schema[DIGESTS[0]] == pl.Null:
         return pl.Series("unchanged", [False] * valid.height, pl.Boolean)
     mine = valid.select(key, *row_digests([pl.col(typed(name)) for name in spec.column_names]))
-    theirs = stored.select(pl.col(spec.primary_key).alias(key), *DIGESTS, pl.lit(True).alias("unchanged"))
-    # Stored keys are unique, so the left join keeps one row per valid row, in order.
-    same = mine.join(theirs, on=[key, *DIGESTS], how="left", maintain_order="left")
-    return same.get_column("unchanged").fill_null(False)
+    theirs = stored.select(pl.col(spec.primary_key).alias(key), *DIGESTS)
+    # Stored keys are unique, so the left join keeps one row per valid row, in order. On the key alone:
+    # a join on the key and both digests encodes every row's three values, and takes gigabytes more.
+    same = mine.join(theirs, on=key, how="left", maintain_order="left", suffix="_stored")
+    return same.select(
+        pl.all_horizontal(pl.col(name) == pl.col(f"{name}_stored") for name in DIGESTS)
+        .fill_null(False)
+        .alias("unchanged")
+    ).to_series()
 
 
 def _stored_order(stored: pl.DataFrame, spec: TableSpec) -> pl.DataFrame | None:
@@ -504,6 +509,7 @@ def _resolve_staged(
         survivors = int(keep.sum())
         kept += survivors
         unchanged = keep & _unchanged(valid, stored, spec)
+        stored = stored.drop(DIGESTS)  # not needed again: 16 bytes a stored row
         staged = int(unchanged.sum())  # kept as they are: nothing to merge
         keep = keep & ~unchanged
         to_merge += survivors - staged
