@@ -67,15 +67,15 @@ def survivor_mask(
     valid: pl.DataFrame,
     spec: TableSpec,
     known: dict[str, pl.Series] | None,
-    stored: pl.DataFrame | None = None,
+    stored_order: pl.Series | None = None,
 ) -> tuple[pl.Series, pl.DataFrame]:
     """Which valid rows survive dedup, the reference check and the stale check, and the rejected rows.
 
     Duplicates lose first (see ``duplicate_losers``). A surviving row is then rejected with every reason
     that applies: ``unknown_<column>`` when a foreign key is not in ``known`` (column -> values that
-    exist; None skips the check), and ``stale_row`` when ``stored`` (the lakehouse's ``typed__<key>``
-    and ``typed__<order_by>`` of the batch's keys) holds its key with a newer ``spec.order_by``. The
-    big frame itself is never copied here.
+    exist; None skips the check), and ``stale_row`` when ``stored_order`` (for each valid row, in order,
+    the lakehouse's ``spec.order_by`` under its key; null where none is stored) is newer than the row's.
+    The big frame itself is never copied here.
     """
     losers = duplicate_losers(valid, spec)
     survives_dedup = ~pl.col(ORDER).is_in(losers.get_column(ORDER).implode())
@@ -84,9 +84,8 @@ def survivor_mask(
         for fk in spec.foreign_keys
         if known is not None
     }
-    stale = _stale_orders(valid, spec, stored)
-    if stale is not None:
-        flagged[STALE] = pl.col(ORDER).is_in(stale.implode())
+    if stored_order is not None and spec.order_by is not None:
+        flagged[STALE] = (pl.lit(stored_order) > pl.col(typed(spec.order_by))).fill_null(False)
     if not flagged:
         return valid.select(survives_dedup.alias("keep")).to_series(), losers
     flags = valid.select(survives_dedup.alias("dedup__"), *(expr.alias(r) for r, expr in flagged.items()))
@@ -102,20 +101,14 @@ def survivor_mask(
     return keep, pl.concat([losers, rejected])
 
 
-def _stale_orders(valid: pl.DataFrame, spec: TableSpec, stored: pl.DataFrame | None) -> pl.Series | None:
-    """The batch order (``_order``) of the valid rows older than the lakehouse's row for their key."""
-    if spec.order_by is None or stored is None:
-        return None
-    key, order_by = typed(spec.primary_key), typed(spec.order_by)
-    if not stored.height:
-        return pl.Series(ORDER, [], pl.Int64)
-    candidates = valid.select(key, order_by, ORDER).filter(
-        pl.col(key).is_in(stored.get_column(key).implode())
+def alongside(valid: pl.DataFrame, key: str, stored: pl.DataFrame, stored_key: str) -> pl.DataFrame:
+    """``stored``'s other columns for each row of ``valid``, matched on the key, in ``valid``'s order
+    (nulls where nothing is stored under the key). Stored keys are unique: one row per valid row."""
+    return (
+        valid.select(key)
+        .join(stored.rename({stored_key: key}), on=key, how="left", maintain_order="left")
+        .drop(key)
     )
-    older = candidates.join(stored.rename({order_by: "stored__"}), on=key).filter(
-        pl.col("stored__") > pl.col(order_by)
-    )
-    return older.get_column(ORDER)
 
 
 def split_survivors(
@@ -124,8 +117,15 @@ def split_survivors(
     known: dict[str, pl.Series] | None,
     stored: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The surviving rows themselves (a copy) and the rejected rows; see ``survivor_mask``."""
-    keep, rejected = survivor_mask(valid, spec, known, stored)
+    """The surviving rows themselves (a copy) and the rejected rows; see ``survivor_mask``.
+
+    ``stored``: the lakehouse's ``typed__<key>`` and ``typed__<order_by>`` of the batch's keys.
+    """
+    stored_order = None
+    if stored is not None and spec.order_by is not None:
+        key = typed(spec.primary_key)
+        stored_order = alongside(valid, key, stored, key).get_column(typed(spec.order_by))
+    keep, rejected = survivor_mask(valid, spec, known, stored_order)
     return valid.filter(keep), rejected
 
 

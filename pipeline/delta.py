@@ -312,7 +312,9 @@ def _rows_of_keys(
         _scan_for_values(table, spec.primary_key, keys)
         .filter(pl.col(spec.primary_key).is_in(keys.implode()))
         .select(*wanted, *derived)
-        .collect()
+        # Streaming: ``derived`` (row digests hash a struct of every column) is computed a morsel at a
+        # time rather than over a copy of every stored column at once.
+        .collect(engine="streaming")
     )
 
 

@@ -98,7 +98,7 @@ def test_the_same_rows_written_otherwise_merge_nothing(
 ) -> None:
     """A re-export (other bytes, the same values) is read, checked and rejected as usual, not merged."""
     store = open_store(str(tmp_path))
-    _land(tmp_path, PRODUCTS, ORDERS, ITEMS + ["4,10,7,x,1,1,0,2025-04-01T11:27:00,2025-04-01"], "first")
+    _land(tmp_path, PRODUCTS, ORDERS, [*ITEMS, "4,10,7,x,1,1,0,2025-04-01T11:27:00,2025-04-01"], "first")
     first = run_batch(store, plan=plan)
 
     def no_merge(*_: object, **__: object) -> None:
