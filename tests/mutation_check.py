@@ -137,6 +137,13 @@ MUTANTS = (
         ("tests/integration/test_differential.py",),
     ),
     Mutant(
+        "a write into partitions that held nothing conflicts with a writer that filled them meanwhile",
+        "pipeline/delta.py",
+        'mode="overwrite",\n                predicate=_in_list(part, sorted(partitions), alias=""),',
+        'mode="append",',
+        ("tests/integration/test_merge.py",),
+    ),
+    Mutant(
         "a signal exits with 128 + its number",
         "pipeline/cli.py",
         "sys.exit(128 + stop.signum)",

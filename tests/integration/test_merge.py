@@ -237,3 +237,44 @@ def test_a_first_write_that_finds_the_table_created_meanwhile_merges_into_it(
     result = delta.merge_rows(uri, rows, ORDERS)
     assert (result.inserted, result.updated) == (0, 0)
     assert pl.read_delta(uri).height == 2
+
+
+def test_rows_for_partitions_that_hold_nothing_are_written_not_merged(tmp_path: Path) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    new_days = orders((2, "2025-01-02 10:00:00", 6.0), (3, "2025-01-03 10:00:00", 7.0))
+    result = delta.merge_rows(uri, new_days, ORDERS)
+    assert (result.inserted, result.updated, result.version) == (2, 0, 1)
+    assert DeltaTable(uri).history(1)[0]["operation"] == "WRITE"
+    assert_frame_equal(read(uri), pl.concat([orders((1, "2025-01-01 10:00:00", 5.0)), new_days]))
+    # A day that holds rows already is merged: its row is replaced, not written twice.
+    result = delta.merge_rows(
+        uri, orders((3, "2025-01-03 11:00:00", 8.0), (4, "2025-01-04 10:00:00", 1.0)), ORDERS
+    )
+    assert (result.inserted, result.updated) == (1, 1)
+    assert DeltaTable(uri).history(1)[0]["operation"] == "MERGE"
+    assert read(uri).get_column("order_id").to_list() == [1, 2, 3, 4]
+
+
+def test_a_write_into_partitions_filled_meanwhile_conflicts_and_merges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer saw an empty day, another writer filled it before this one committed: no row twice."""
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    before = DeltaTable(uri)  # version 0: 2025-01-02 holds nothing
+    rows = orders((2, "2025-01-02 10:00:00", 6.0), (3, "2025-01-02 11:00:00", 7.0))
+    delta.merge_rows(uri, rows, ORDERS)  # the other writer: version 1
+    real_open = delta.open_table
+    calls = {"n": 0}
+
+    def stale_once(table_uri: str) -> DeltaTable | None:
+        calls["n"] += 1
+        return before if calls["n"] == 1 else real_open(table_uri)
+
+    monkeypatch.setattr(delta, "open_table", stale_once)
+    monkeypatch.setattr(delta.time, "sleep", lambda seconds: None)
+    result = delta.merge_rows(uri, rows, ORDERS)
+    assert calls["n"] >= 2, "the write from the stale snapshot did not conflict"
+    assert (result.inserted, result.updated) == (0, 0)
+    assert read(uri).get_column("order_id").to_list() == [1, 2, 3]
