@@ -278,3 +278,26 @@ def test_a_write_into_partitions_filled_meanwhile_conflicts_and_merges(
     assert calls["n"] >= 2, "the write from the stale snapshot did not conflict"
     assert (result.inserted, result.updated) == (0, 0)
     assert read(uri).get_column("order_id").to_list() == [1, 2, 3]
+
+
+def test_a_new_integer_partition_is_written_and_an_existing_one_merged(tmp_path: Path) -> None:
+    uri = str(tmp_path / "products")
+
+    def product(product_id: int, department_id: int, name: str) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "product_id": [product_id],
+                "department_id": [department_id],
+                "department": ["D"],
+                "product_name": [name],
+            },
+            schema=table_schema(PRODUCTS),
+        )
+
+    delta.merge_rows(uri, product(1, 2, "a"), PRODUCTS)
+    assert delta.merge_rows(uri, product(2, 5, "b"), PRODUCTS).inserted == 1
+    assert DeltaTable(uri).history(1)[0]["operation"] == "WRITE"
+    assert delta.merge_rows(uri, product(3, 5, "c"), PRODUCTS).inserted == 1
+    assert DeltaTable(uri).history(1)[0]["operation"] == "MERGE"
+    stored = pl.read_delta(uri).sort("product_id")
+    assert stored.select("product_id", "department_id").rows() == [(1, 2), (2, 5), (3, 5)]
