@@ -614,7 +614,8 @@ def _write_rejected(
     if not kept_parts:
         return delta.table_version(rejected_uri(store, spec.name)), reasons
     rejected = pl.concat(kept_parts)
-    reasons.update(rejected.get_column(REASONS).explode().to_list())
+    counted = rejected.get_column(REASONS).explode().value_counts()  # in Polars: millions of rows at 3x
+    reasons.update(dict(zip(counted.get_column(REASONS).to_list(), counted.get_column("count").to_list())))
     progress(f"{spec.name}: writing {rejected.height:,} rejected rows")
     version = delta.replace_batch_rows(
         rejected_uri(store, spec.name),

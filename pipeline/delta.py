@@ -142,6 +142,17 @@ def _arrow_stream(
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
+def _slices(frame: pl.DataFrame) -> pa.RecordBatchReader:
+    """``frame`` as a stream converted slice by slice: no second copy of the whole frame in Arrow."""
+    schema = frame.head(0).to_arrow().schema
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for offset in range(0, frame.height, STREAM_ROWS):
+            yield from frame.slice(offset, STREAM_ROWS).to_arrow().cast(schema).to_batches()
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
 COMMIT_ATTEMPTS = 4
 
 
@@ -359,7 +370,7 @@ def _replace_batch_rows_once(uri: str, rows: pl.DataFrame, *, batch_column: str,
         # The batch's inputs are pinned by its manifest, so an earlier attempt rejected nothing either.
         return None if table is None else table.version()
     try:
-        if table is None and _create_table(uri, rows.to_arrow(), partition_by=[batch_column]):
+        if table is None and _create_table(uri, _slices(rows), partition_by=[batch_column]):
             return table_version(uri)
         table = table or open_table(uri)
         # deltalake 1.2 (Python 3.9) panics on a predicate over a table without files (after an
@@ -367,7 +378,7 @@ def _replace_batch_rows_once(uri: str, rows: pl.DataFrame, *, batch_column: str,
         empty = table is not None and not table.file_uris()
         write_deltalake(
             uri,
-            rows.to_arrow(),
+            _slices(rows),
             mode="overwrite",
             predicate=None if empty else f"{batch_column} = {_literal(batch_id)}",
             partition_by=[batch_column],
