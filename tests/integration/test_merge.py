@@ -219,6 +219,20 @@ def test_only_the_kept_rows_are_merged(tmp_path: Path) -> None:
     assert read(uri).get_column("order_id").to_list() == [1, 2, 3]
 
 
+def _first_open_returns(monkeypatch: pytest.MonkeyPatch, first: DeltaTable | None) -> dict[str, int]:
+    """``delta.open_table`` returns ``first`` once (what another writer's commit made stale), then the
+    real table; the returned dict counts the calls."""
+    real_open = delta.open_table
+    calls = {"n": 0}
+
+    def opened(table_uri: str) -> DeltaTable | None:
+        calls["n"] += 1
+        return first if calls["n"] == 1 else real_open(table_uri)
+
+    monkeypatch.setattr(delta, "open_table", opened)
+    return calls
+
+
 def test_a_first_write_that_finds_the_table_created_meanwhile_merges_into_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,14 +240,7 @@ def test_a_first_write_that_finds_the_table_created_meanwhile_merges_into_it(
     uri = str(tmp_path / "orders")
     rows = orders((1, "2025-04-01T10:00:00", 1.0), (2, "2025-04-02T10:00:00", 2.0))
     delta.merge_rows(uri, rows, ORDERS)
-    real_open = delta.open_table
-    calls = {"n": 0}
-
-    def missing_once(table_uri: str) -> DeltaTable | None:
-        calls["n"] += 1
-        return None if calls["n"] == 1 else real_open(table_uri)
-
-    monkeypatch.setattr(delta, "open_table", missing_once)
+    _first_open_returns(monkeypatch, None)
     result = delta.merge_rows(uri, rows, ORDERS)
     assert (result.inserted, result.updated) == (0, 0)
     assert pl.read_delta(uri).height == 2
@@ -265,14 +272,7 @@ def test_a_write_into_partitions_filled_meanwhile_conflicts_and_merges(
     before = DeltaTable(uri)  # version 0: 2025-01-02 holds nothing
     rows = orders((2, "2025-01-02 10:00:00", 6.0), (3, "2025-01-02 11:00:00", 7.0))
     delta.merge_rows(uri, rows, ORDERS)  # the other writer: version 1
-    real_open = delta.open_table
-    calls = {"n": 0}
-
-    def stale_once(table_uri: str) -> DeltaTable | None:
-        calls["n"] += 1
-        return before if calls["n"] == 1 else real_open(table_uri)
-
-    monkeypatch.setattr(delta, "open_table", stale_once)
+    calls = _first_open_returns(monkeypatch, before)
     monkeypatch.setattr(delta.time, "sleep", lambda seconds: None)
     result = delta.merge_rows(uri, rows, ORDERS)
     assert calls["n"] >= 2, "the write from the stale snapshot did not conflict"
