@@ -47,6 +47,7 @@ from pipeline.reader import (
     ReadStats,
     count_empty_lines,
     detached,
+    estimated_records,
     prefetched,
     read_chunks,
     read_layout,
@@ -234,9 +235,6 @@ def run_step(
     started = time.monotonic()
     clock = StageClock()
     remove_stale_downloads()  # every step, staged or not: a killed run's folders go with the next one
-    if plan is None:
-        loaded = sum(entry.size for entry in manifest.files[spec.name] if not entry.loaded_by)
-        plan = plan_for(loaded, memory_budget)
     batch_id = manifest.batch_id
     typed_columns = [typed(name) for name in spec.column_names]
     valid_parts: list[pl.DataFrame] = []
@@ -269,6 +267,8 @@ def run_step(
             if layout.extra:
                 extra_columns[entry.key] = layout.extra
             sources.append((entry.key, path, layout))
+        if plan is None:
+            plan = _plan(store, spec, sources, memory_budget)
 
         staging = (
             Staging(Path(local_copies.enter_context(tempfile.TemporaryDirectory(prefix=_staging_prefix()))))
@@ -422,6 +422,20 @@ def run_step(
         buckets=plan.buckets,
         groups=plan.groups,
         stages=clock.figures,
+    )
+
+
+def _plan(
+    store: Store, spec: TableSpec, sources: list[tuple[str, Path, FileLayout]], memory_budget: int
+) -> Plan:
+    """The plan for the files of this step (``plan_for``), with the rows the lakehouse stores now."""
+    readable = [path for _, path, layout in sources if layout.field_count]
+    csv_bytes = sum(path.stat().st_size for path in readable)
+    csv_rows = sum(estimated_records(path) for path in readable)
+    stored = delta.stored_row_count(table_uri(store, spec.name))
+    # A table without row counts in its log is taken to hold a stored row for every row of the batch.
+    return plan_for(
+        csv_bytes, memory_budget, csv_rows=csv_rows, stored_rows=csv_rows if stored is None else stored
     )
 
 

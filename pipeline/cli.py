@@ -86,7 +86,7 @@ def generate(
     out.print(f"{len(result.files)} files written under {store.uri('raw/')}")
 
 
-MEMORY_BUDGET_DEFAULT = "3GiB"
+MEMORY_BUDGET_DEFAULT = "2.75GiB"
 MEMORY_BUDGET_HELP = (
     "Memory a table's step may hold (e.g. 3GiB, 512MiB): a table whose files need more is resolved in "
     "buckets of keys and merged in groups of partitions."

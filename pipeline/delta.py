@@ -468,6 +468,17 @@ def data_file_count(uri: str) -> int:
     return 0 if table is None else len(table.file_uris())
 
 
+def stored_row_count(uri: str) -> int | None:
+    """The rows of the table at ``uri`` as its log's statistics count them (0: no table; None: some file
+    has no row count), without reading a data file."""
+    table = open_table(uri)
+    if table is None:
+        return 0
+    with _failures("read the log of", uri):
+        counts = pl.DataFrame(table.get_add_actions(flatten=True)).get_column("num_records")
+    return None if counts.null_count() else int(counts.sum())
+
+
 def count_rows(uri: str) -> int:
     """The number of rows of the table at ``uri`` (0 when there is no table)."""
     lazy = scan(uri)

@@ -101,6 +101,18 @@ def read_layout(path: Path, spec: TableSpec, source: str) -> FileLayout | None:
     return None
 
 
+def estimated_records(path: Path, sample_bytes: int = 1 << 20) -> int:
+    """About how many records ``path`` holds: its size over the mean length of the lines of its first
+    ``sample_bytes`` (exact line count for a file no larger)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        sample = handle.read(sample_bytes)
+    lines = sample.count(b"\n") or sample.count(b"\r")
+    if len(sample) >= size:
+        return lines + (1 if sample and not sample.endswith((b"\n", b"\r")) else 0)
+    return round(size * max(lines, 1) / len(sample))
+
+
 def count_empty_lines(path: Path) -> int:
     """The empty lines of a file (for a file with no record, which has no layout)."""
     with path.open("rb") as handle:

@@ -27,11 +27,18 @@ from pipeline.dedup import typed
 from pipeline.specs import TableSpec
 
 GIB = 1 << 30
-DEFAULT_MEMORY_BUDGET = 3 * GIB  # leaves a 4 GB Fargate task room for Python, Polars and delta-rs
-# What holding a table's valid rows costs, per byte of its CSV: the typed rows (about 0.8 bytes, measured
-# on the 2.0 GB of order items at scale 1.0: 1.55 GiB) and the dedup and merge working set around them
-# (the step's peak was 2.6x its typed rows there).
-HELD_BYTES_PER_CSV_BYTE = 2.0
+# Under 3 GB (2.95), leaving a 4 GiB Fargate task 1.25 GiB for what the estimate below misses.
+DEFAULT_MEMORY_BUDGET = int(2.75 * GIB)
+# A step's peak is about FIXED_BYTES + HELD_BYTES_PER_CSV_BYTE x the CSV bytes of one bucket. Fitted on
+# the 2.06 GiB of order items at scale 1.0 in 2, 3 and 4 buckets (peaks 2.98, 2.44 and 2.16 GiB): the
+# fixed part is Python, Polars, delta-rs and what the allocator keeps from the earlier steps; the held
+# part is the bucket's typed rows, its dedup and join working set and one group's MERGE.
+FIXED_BYTES = int(1.35 * GIB)
+HELD_BYTES_PER_CSV_BYTE = 1.6
+# What a bucket's rows cost more when the lakehouse stores their keys already: each stored row's key,
+# partition, ordering value and digests, and their join to the bucket (a re-export of scale 1.0 in 3
+# buckets: 1.24 GiB more at the resolve than the full load, for 11.1 M stored rows a bucket).
+HELD_BYTES_PER_STORED_ROW = 120
 BUCKET = "bucket__"
 
 
@@ -47,12 +54,24 @@ class Plan:
         return self.buckets > 1 or self.groups > 1
 
 
-def plan_for(csv_bytes: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Plan:
-    """The plan that holds at most ``memory_budget`` bytes for a table with ``csv_bytes`` of files."""
+def plan_for(
+    csv_bytes: int, memory_budget: int = DEFAULT_MEMORY_BUDGET, *, csv_rows: int = 0, stored_rows: int = 0
+) -> Plan:
+    """The plan that holds at most ``memory_budget`` bytes for a table with ``csv_bytes`` of files.
+
+    ``csv_rows`` (an estimate) and ``stored_rows`` (the table's now) size the buckets by the stored rows
+    they may meet too: at most one per row of the batch, so a daily batch into a large lake stays one
+    bucket. The groups merge the batch's rows only and follow from ``csv_bytes`` alone.
+    """
     if memory_budget <= 0:
         raise ValueError(f"the memory budget must be positive, not {memory_budget}")
-    parts = max(1, math.ceil(csv_bytes * HELD_BYTES_PER_CSV_BYTE / memory_budget))
-    return Plan(buckets=parts, groups=parts)
+    # Below twice the fixed part no plan can meet the budget; half of it then goes to the rows (the two
+    # meet at twice the fixed part, so more budget never means more parts).
+    for_rows = max(memory_budget - FIXED_BYTES, memory_budget / 2)
+    held = csv_bytes * HELD_BYTES_PER_CSV_BYTE
+    met = min(csv_rows, stored_rows) * HELD_BYTES_PER_STORED_ROW
+    groups = max(1, math.ceil(held / for_rows))
+    return Plan(buckets=max(groups, math.ceil((held + met) / for_rows)), groups=groups)
 
 
 def parse_size(text: str) -> int:

@@ -6,6 +6,7 @@ type is tried on its own: a column the digest missed would drop its update witho
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from pipeline import delta
 from pipeline.batch import run_batch
 from pipeline.report import BatchReport
-from pipeline.stages import Plan
+from pipeline.stages import HELD_BYTES_PER_CSV_BYTE, Plan
 from pipeline.storage import open_store
 from tests.helpers import write_raw
 
@@ -125,3 +126,20 @@ def test_the_same_rows_written_otherwise_merge_nothing(
         step.table: step.delta_version for step in first.steps
     }
     assert [step.rejected for step in again.steps] == [0, 0, 1]
+
+
+def test_a_batch_of_keys_the_lake_stores_is_cut_in_more_buckets_and_loads_the_same(tmp_path: Path) -> None:
+    """The stored rows a bucket meets count in the plan: the same files landed again get more buckets of
+    keys (their join with the stored rows is the re-export's peak), the groups stay, no row changes."""
+    store = open_store(str(tmp_path))
+    _land(tmp_path, PRODUCTS, ORDERS, ITEMS, "first")
+    size = (tmp_path / "raw" / "order_items" / "first.csv").stat().st_size
+    budget = 2 * math.ceil(size * HELD_BYTES_PER_CSV_BYTE) + 2  # the items' rows in one part, just
+    first = run_batch(store, memory_budget=budget)
+    _land(tmp_path, PRODUCTS, ORDERS, ITEMS, "again")
+    again = run_batch(store, memory_budget=budget)
+    loaded, landed = (next(s for s in report.steps if s.table == "order_items") for report in (first, again))
+    assert (loaded.buckets, loaded.groups) == (1, 1)
+    assert landed.buckets > landed.groups == 1
+    assert (landed.inserted, landed.updated, landed.unchanged) == (0, 0, len(ITEMS))
+    assert landed.delta_version == loaded.delta_version

@@ -17,6 +17,7 @@ from pipeline.reader import (
     FileLayout,
     ReadStats,
     detached,
+    estimated_records,
     prefetched,
     read_chunks,
     read_layout,
@@ -377,3 +378,16 @@ def test_prefetched_stops_its_readers_when_the_consumer_stops() -> None:
     for _ in prefetched(streams, readers=2):
         break
     assert not [t for t in threading.enumerate() if t.name.startswith("csv-reader")]
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_a_small_file_s_records_are_counted_exactly(tmp_path: Path, ending: str) -> None:
+    path = tmp_path / "small.csv"
+    path.write_bytes(("a,b" + ending + ending.join(f"{i},x" for i in range(5)) + ending).encode())
+    assert estimated_records(path) == (6 if ending else 1)
+
+
+def test_a_large_file_s_records_are_estimated_from_its_first_lines(tmp_path: Path) -> None:
+    path = tmp_path / "large.csv"
+    path.write_bytes(b"id,name\n" + b"".join(b"%d,abcdefgh\n" % (i % 1000) for i in range(200_000)))
+    assert abs(estimated_records(path, sample_bytes=1 << 16) - 200_001) < 200_001 * 0.05

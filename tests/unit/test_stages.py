@@ -11,8 +11,10 @@ import pytest
 
 from pipeline.specs import ORDER_ITEMS
 from pipeline.stages import (
+    FIXED_BYTES,
     GIB,
     HELD_BYTES_PER_CSV_BYTE,
+    HELD_BYTES_PER_STORED_ROW,
     Plan,
     Staging,
     bucket_of,
@@ -42,13 +44,29 @@ def test_a_table_that_fits_the_budget_is_one_bucket_and_one_group() -> None:
 
 
 def test_the_parts_grow_with_the_files_and_shrink_with_the_budget() -> None:
-    fits = int(3 * GIB / HELD_BYTES_PER_CSV_BYTE)
+    fits = int((3 * GIB - FIXED_BYTES) / HELD_BYTES_PER_CSV_BYTE)  # the budget less the fixed part
     assert plan_for(fits, 3 * GIB) == Plan(1, 1)
     assert plan_for(fits + 1, 3 * GIB) == Plan(2, 2)
     assert plan_for(3 * fits, 3 * GIB) == Plan(3, 3)
-    assert plan_for(3 * fits, 1 * GIB).buckets == 9
+    assert plan_for(3 * fits, 6 * GIB).buckets < 3
     with pytest.raises(ValueError):
         plan_for(1, 0)
+
+
+def test_a_budget_below_twice_the_fixed_part_gives_half_of_it_to_the_rows() -> None:
+    budget = FIXED_BYTES  # all of it would go to the fixed part
+    fits = int(budget / 2 / HELD_BYTES_PER_CSV_BYTE)
+    assert plan_for(fits, budget) == Plan(1, 1)
+    assert plan_for(4 * fits, budget) == Plan(4, 4)
+    # Continuous where the two rules meet: more budget never gives more parts.
+    sizes = [int(FIXED_BYTES * share) for share in (0.5, 1.0, 1.9, 2.0, 2.1, 3.0)]
+    parts = [plan_for(10 * GIB, size).buckets for size in sizes]
+    assert parts == sorted(parts, reverse=True)
+
+
+def test_the_default_budget_cuts_scale_one_order_items_in_three() -> None:
+    # 2.06 GiB of CSV: the fit behind FIXED_BYTES says 2 buckets would peak near 3 GiB, 3 near 2.4 GiB.
+    assert plan_for(2_214_478_436) == Plan(3, 3)
 
 
 def test_every_row_of_a_key_is_in_one_bucket_and_every_bucket_is_used() -> None:
@@ -84,3 +102,13 @@ def test_staged_frames_come_back_whole_once(tmp_path: Path) -> None:
     again = staging.take("parsed", 0)
     assert again is not None and again.get_column("a").to_list() == [1]
     assert list(tmp_path.rglob("*.parquet")) == []
+
+
+def test_stored_rows_a_bucket_may_meet_add_buckets_not_groups() -> None:
+    csv_bytes = int((3 * GIB - FIXED_BYTES) / HELD_BYTES_PER_CSV_BYTE)  # one part without stored rows
+    met = int((3 * GIB - FIXED_BYTES) / HELD_BYTES_PER_STORED_ROW)  # one part's worth of stored rows
+    assert plan_for(csv_bytes, 3 * GIB, csv_rows=10 * met, stored_rows=0) == Plan(1, 1)
+    assert plan_for(csv_bytes, 3 * GIB, csv_rows=10 * met, stored_rows=met) == Plan(2, 1)
+    assert plan_for(csv_bytes, 3 * GIB, csv_rows=10 * met, stored_rows=3 * met) == Plan(4, 1)
+    # A bucket meets at most one stored row per row of the batch: a day into a large lake stays whole.
+    assert plan_for(1 << 20, 3 * GIB, csv_rows=10_000, stored_rows=10**9) == Plan(1, 1)
