@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -152,27 +153,32 @@ def _order_of(file_index: int) -> pl.Expr:
     return (pl.lit(file_index, pl.Int64) * (1 << LINE_BITS) + pl.col(SOURCE_LINE)).alias(ORDER)
 
 
+FILE = "file__"
+
+
+def _file_of_order() -> pl.Expr:
+    return (pl.col(ORDER) // (1 << LINE_BITS)).cast(pl.Int32).alias(FILE)
+
+
 def _original_text(
-    late: pl.DataFrame,
+    files: list[int],
+    late_of: Callable[[int], pl.DataFrame],
     sources: list[tuple[str, Path, FileLayout]],
     spec: TableSpec,
     digests: list[str | None],
-) -> pl.DataFrame:
-    """Rows rejected after parsing (duplicates, orphans) with their original text, from their files.
+) -> Iterator[pl.DataFrame]:
+    """Rows rejected after parsing (duplicates, orphans) with their original text, file by file.
 
-    Valid rows are kept only in typed form to save memory. The few that lose later get their text
-    back by cutting their records out of the file (``records_at_lines``); the text is checked by
-    parsing it again, which must give the very values the row had. A file where that fails is read
-    again in full through the same reader.
+    ``late_of(file)`` gives a file's late rejects (typed, with ``_order`` and reasons). Valid rows are
+    kept only in typed form to save memory. The few that lose later get their text back by cutting
+    their records out of the file (``records_at_lines``); the text is checked by parsing it again,
+    which must give the very values the row had. A file where that fails is read again in full
+    through the same reader.
     """
-    late = late.with_columns(
-        (pl.col(ORDER) // (1 << LINE_BITS)).alias("file__"),
-        (pl.col(ORDER) % (1 << LINE_BITS)).alias(SOURCE_LINE),
-    )
 
     def text_of_file(file_index: int) -> pl.DataFrame:
         source, path, layout = sources[file_index]
-        wanted = late.filter(pl.col("file__") == file_index).drop("file__")
+        wanted = late_of(file_index).with_columns((pl.col(ORDER) % (1 << LINE_BITS)).alias(SOURCE_LINE))
         lines = wanted.get_column(SOURCE_LINE)
         texts = records_at_lines(path, spec, source, layout, lines)
         if texts is None or not _same_values(texts, wanted, spec, layout):
@@ -182,12 +188,52 @@ def _original_text(
                     for chunk in read_chunks(path, spec, source, layout, expected_digest=digests[file_index])
                 ]
             )
-        return wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left")
+        found = wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left")
+        return _rejected_rows(found, spec)
 
     # Two files at a time: the byte scans release the GIL.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        found = list(pool.map(text_of_file, late.get_column("file__").unique().sort().to_list()))
-    return _rejected_rows(pl.concat(found), spec)
+        yield from pool.map(text_of_file, files)
+
+
+class _Rejected:
+    """A step's rejected rows as they are found: held in memory, or staged as Parquet when the step is
+    (then no more than one file's late rejects and one staged part are in memory at a time)."""
+
+    KIND = "rejected"
+
+    def __init__(self, staging: Staging | None) -> None:
+        self.staging = staging
+        self.rows = 0
+        self._held: list[pl.DataFrame] = []
+
+    def add(self, frame: pl.DataFrame) -> None:
+        if not frame.height:
+            return
+        self.rows += frame.height
+        if self.staging is None:
+            self._held.append(detached(frame))  # kept text must not pin the block it was read from
+        else:
+            self.staging.put(self.KIND, 0, frame)
+
+    def frames(self) -> Iterator[pl.DataFrame]:
+        if self.staging is None:
+            yield from self._held
+        else:
+            for path in self.staging.files(self.KIND, 0):
+                yield pl.read_parquet(path)
+
+    def reasons(self) -> Counter[str]:
+        """How many rows have each reason (a row may have several)."""
+        if self.staging is None:
+            lazy = pl.concat([frame.lazy().select(REASONS) for frame in self._held])
+        else:
+            lazy = pl.scan_parquet(self.staging.files(self.KIND, 0)).select(REASONS)
+        # In Polars: millions of rows at 3x the batch.
+        counted = lazy.select(pl.col(REASONS).explode().value_counts()).unnest(REASONS).collect()
+        return Counter(
+            dict(zip(counted.get_column(REASONS).to_list(), counted.get_column("count").to_list()))
+        )
 
 
 def _same_values(texts: pl.DataFrame, wanted: pl.DataFrame, spec: TableSpec, layout: FileLayout) -> bool:
@@ -238,7 +284,6 @@ def run_step(
     batch_id = manifest.batch_id
     typed_columns = [typed(name) for name in spec.column_names]
     valid_parts: list[pl.DataFrame] = []
-    rejected_parts: list[pl.DataFrame] = []
     extra_columns: dict[str, list[str]] = {}
     empty_files: list[str] = []
     notes: list[str] = []
@@ -275,6 +320,7 @@ def run_step(
             if plan.staged
             else None
         )
+        rejected = _Rejected(staging)
         rows_per_partition: Counter[Any] = Counter()
         referenced_parts: dict[str, list[pl.Series]] = {fk.column: [] for fk in spec.foreign_keys}
         readable = [(index, source) for index, source in enumerate(sources) if source[2].field_count]
@@ -293,12 +339,11 @@ def run_step(
             file_index = readable[stream_index][0]
             rows_in += chunk.records.height + chunk.malformed.height
             if chunk.malformed.height:
-                rejected_parts.append(_malformed_rows(chunk.malformed, spec))
+                rejected.add(_malformed_rows(chunk.malformed, spec))
             # Valid rows are kept typed only: the text of the few rejected later is cut out again.
             missing = sources[file_index][2].missing
             valid_rows, invalid_rows = split_valid(chunk.records, spec, missing, keep=[SOURCE_LINE])
-            # Kept text must not pin the block it was read from (see ``detached``).
-            rejected_parts.append(detached(_rejected_rows(invalid_rows, spec)))
+            rejected.add(_rejected_rows(invalid_rows, spec))
             typed_rows = valid_rows.select(*typed_columns, _order_of(file_index))
             if staging is None:
                 valid_parts.append(detached(typed_rows))
@@ -328,9 +373,11 @@ def run_step(
                 spec,
                 {column: _compacted(parts, force=True)[0] for column, parts in referenced_parts.items()},
             )
-            kept, to_merge, late, moved_from = _resolve_staged(
+            kept, to_merge, late_rows, moved_from = _resolve_staged(
                 store, spec, staging, plan, rows_per_partition, known, progress
             )
+            late_files = staging.parts(LATE)
+            late_of: Callable[[int], pl.DataFrame] = partial(_take_late, staging)
             rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
             stored_partitions: list[Any] = []
         elif valid.height:
@@ -343,6 +390,9 @@ def run_step(
             known = _known_references(store, spec, referenced)
             theirs = _stored_alongside(store, spec, valid)
             keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
+            late_rows, late_by_file = late.height, _late_by_file(late, typed_columns)
+            late_files, late_of = sorted(late_by_file), late_by_file.pop
+            del late
             kept = int(keep.sum())
             keep = keep & ~_unchanged(valid, theirs, spec)  # kept, but nothing to merge
             to_merge = int(keep.sum())
@@ -358,10 +408,10 @@ def run_step(
             del valid
         else:
             rows, keep, kept, to_merge = pl.DataFrame(), pl.Series("keep", [], pl.Boolean), 0, 0
-            late, stored_partitions = pl.DataFrame(), []
+            late_rows, late_files, late_of, stored_partitions = 0, [], _no_late, []
 
         clock.mark("resolve")
-        rejected_rows = sum(part.height for part in rejected_parts) + late.height
+        rejected_rows = rejected.rows + late_rows
         if kept + rejected_rows != rows_in:
             raise LakehouseError(
                 f"{spec.name}: {rows_in} rows read but {kept} kept and {rejected_rows} rejected; "
@@ -390,13 +440,12 @@ def run_step(
                     keep=keep,
                     stored_partitions=stored_partitions,
                 )
-            if late.height:
-                progress(f"{spec.name}: taking the original text of {late.height:,} rows rejected late")
-                rejected_parts.append(
-                    _original_text(late.select(*typed_columns, ORDER, REASONS), sources, spec, digests)
-                )
+            if late_rows:
+                progress(f"{spec.name}: taking the original text of {late_rows:,} rows rejected late")
+                for texts in _original_text(late_files, late_of, sources, spec, digests):
+                    rejected.add(texts)
             rejected_version, reasons = _write_rejected(
-                store, spec, batch_id, rejected_parts, now or datetime.now(timezone.utc), progress
+                store, spec, batch_id, rejected, now or datetime.now(timezone.utc), progress
             )
             merged = merging.result() if merging else None
         clock.mark("write")
@@ -530,18 +579,19 @@ def _resolve_staged(
     rows_per_partition: Counter[Any],
     known: dict[str, pl.Series],
     progress: Progress,
-) -> tuple[int, int, pl.DataFrame, list[Any]]:
+) -> tuple[int, int, int, list[Any]]:
     """Resolve the staged valid rows bucket by bucket; stage the survivors by group of partitions.
 
     Survivors whose key the lakehouse stores in another partition are staged apart (``moves``): they
     are merged last, with both partitions in the predicate. Survivors stored as they are already are
-    not staged. Returns the survivors' count, how many of them are to be merged, the rows
-    rejected late (typed, with ``_order`` and reasons) and the partitions the moving keys leave.
+    not staged. The rows rejected late are staged by file (``LATE``, typed, with ``_order`` and
+    reasons). Returns the survivors' count, how many of them are to be merged, how many were rejected
+    late and the partitions the moving keys leave.
     """
     typed_columns = [typed(name) for name in spec.column_names]
     part = typed(spec.partition_by)
     groups = partition_groups(rows_per_partition, plan.groups)
-    kept, to_merge, late_parts, moved_from = 0, 0, [], set()
+    kept, to_merge, late_rows, moved_from = 0, 0, 0, set()
     for bucket in range(plan.buckets):
         valid = staging.take("parsed", bucket)
         if valid is None:
@@ -549,7 +599,10 @@ def _resolve_staged(
         progress(f"{spec.name}: resolving bucket {bucket + 1} of {plan.buckets} ({valid.height:,} rows)")
         theirs = _stored_alongside(store, spec, valid)
         keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
-        late_parts.append(late.select(*typed_columns, ORDER, REASONS))
+        # Staged by file: their text is recovered file by file once every bucket is resolved.
+        staging.put_split(LATE, late.select(*typed_columns, ORDER, REASONS, _file_of_order()), FILE)
+        late_rows += late.height
+        del late
         survivors = int(keep.sum())
         kept += survivors
         unchanged = keep & _unchanged(valid, theirs, spec)
@@ -582,8 +635,28 @@ def _resolve_staged(
                 "refusing to write"
             )
         del valid, keep, group  # before the next bucket is read
-    late = pl.concat(late_parts) if late_parts else pl.DataFrame()
-    return kept, to_merge, late, sorted(moved_from)
+    return kept, to_merge, late_rows, sorted(moved_from)
+
+
+LATE = "late"
+
+
+def _take_late(staging: Staging, file_index: int) -> pl.DataFrame:
+    late = staging.take(LATE, file_index)
+    assert late is not None, f"no late rejects staged for file {file_index}"
+    return late
+
+
+def _late_by_file(late: pl.DataFrame, typed_columns: list[str]) -> dict[int, pl.DataFrame]:
+    shaped = late.select(*typed_columns, ORDER, REASONS, _file_of_order())
+    return {
+        int(file): part
+        for (file,), part in shaped.partition_by(FILE, as_dict=True, include_key=False).items()
+    }
+
+
+def _no_late(file_index: int) -> pl.DataFrame:
+    raise AssertionError(f"no rows were rejected late (file {file_index})")
 
 
 def _compacted(parts: list[pl.Series], *, force: bool = False) -> list[pl.Series]:
@@ -618,24 +691,20 @@ def _write_rejected(
     store: Store,
     spec: TableSpec,
     batch_id: str,
-    parts: list[pl.DataFrame],
+    rejected: _Rejected,
     rejected_at: datetime,
     progress: Progress,
 ) -> tuple[int | None, Counter[str]]:
-    """Replace this batch's rows of ``rejected/<table>`` with ``parts``: the table version and reasons."""
-    reasons: Counter[str] = Counter()
-    kept_parts = [part for part in parts if part.height]
-    if not kept_parts:
-        return delta.table_version(rejected_uri(store, spec.name)), reasons
-    rejected = pl.concat(kept_parts)
-    counted = rejected.get_column(REASONS).explode().value_counts()  # in Polars: millions of rows at 3x
-    reasons.update(dict(zip(counted.get_column(REASONS).to_list(), counted.get_column("count").to_list())))
-    progress(f"{spec.name}: writing {rejected.height:,} rejected rows")
+    """Replace this batch's rows of ``rejected/<table>`` with ``rejected``'s: the table version and
+    the reasons. The rows are written as a stream of their parts, never concatenated."""
+    if not rejected.rows:
+        return delta.table_version(rejected_uri(store, spec.name)), Counter()
+    reasons = rejected.reasons()
+    progress(f"{spec.name}: writing {rejected.rows:,} rejected rows")
+    batch = (pl.lit(batch_id).alias("batch_id"), pl.lit(rejected_at).cast(TIMESTAMP).alias("rejected_at"))
     version = delta.replace_batch_rows(
         rejected_uri(store, spec.name),
-        rejected.with_columns(
-            pl.lit(batch_id).alias("batch_id"), pl.lit(rejected_at).cast(TIMESTAMP).alias("rejected_at")
-        ),
+        lambda: (frame.with_columns(*batch) for frame in rejected.frames()),
         batch_column="batch_id",
         batch_id=batch_id,
     )

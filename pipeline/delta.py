@@ -5,12 +5,13 @@ Tables are addressed by URI (a local path or ``s3://``); storage options come fr
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, Union
 
 import polars as pl
 import pyarrow as pa
@@ -142,13 +143,28 @@ def _arrow_stream(
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def _slices(frame: pl.DataFrame) -> pa.RecordBatchReader:
-    """``frame`` as a stream converted slice by slice: no second copy of the whole frame in Arrow."""
-    schema = frame.head(0).to_arrow().schema
+# Rows to write: one frame, or a function giving them as frames (called again when a write is retried).
+Frames = Union[pl.DataFrame, Callable[[], Iterator[pl.DataFrame]]]
+
+
+def _frames(rows: Frames) -> Iterator[pl.DataFrame]:
+    if isinstance(rows, pl.DataFrame):
+        return (rows.slice(offset, STREAM_ROWS) for offset in range(0, rows.height, STREAM_ROWS))
+    return (frame for frame in rows() if frame.height)
+
+
+def _stream(rows: Frames) -> pa.RecordBatchReader | None:
+    """``rows`` as one Arrow stream, converted frame by frame: no copy of them all in Arrow (None: no
+    rows). Every frame is cast to the first one's schema."""
+    frames = _frames(rows)
+    first = next(frames, None)
+    if first is None:
+        return None
+    schema = first.head(0).to_arrow().schema
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for offset in range(0, frame.height, STREAM_ROWS):
-            yield from frame.slice(offset, STREAM_ROWS).to_arrow().cast(schema).to_batches()
+        for frame in itertools.chain([first], frames):
+            yield from frame.to_arrow().cast(schema).to_batches()
 
     return pa.RecordBatchReader.from_batches(schema, batches())
 
@@ -352,7 +368,7 @@ def _rows_of_keys(
     )
 
 
-def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:
+def replace_batch_rows(uri: str, rows: Frames, *, batch_column: str, batch_id: str) -> int | None:
     """Replace one batch's rows, retrying on commit conflicts; see ``_replace_batch_rows_once``."""
     with _failures("write", uri):
         return _retrying_commits(
@@ -360,25 +376,29 @@ def replace_batch_rows(uri: str, rows: pl.DataFrame, *, batch_column: str, batch
         )
 
 
-def _replace_batch_rows_once(uri: str, rows: pl.DataFrame, *, batch_column: str, batch_id: str) -> int | None:
+def _replace_batch_rows_once(uri: str, rows: Frames, *, batch_column: str, batch_id: str) -> int | None:
     """Append ``rows`` of one batch to the table at ``uri``, replacing what that batch wrote before.
 
     Re-running a batch therefore never duplicates its rows. The table is partitioned by ``batch_column``.
     """
     table = open_table(uri)
-    if rows.height == 0:
+    stream = _stream(rows)
+    if stream is None:
         # The batch's inputs are pinned by its manifest, so an earlier attempt rejected nothing either.
         return None if table is None else table.version()
     try:
-        if table is None and _create_table(uri, _slices(rows), partition_by=[batch_column]):
-            return table_version(uri)
+        if table is None:
+            if _create_table(uri, stream, partition_by=[batch_column]):
+                return table_version(uri)
+            stream = _stream(rows)  # the first was read by the lost race
+            assert stream is not None  # the same rows again
         table = table or open_table(uri)
         # deltalake 1.2 (Python 3.9) panics on a predicate over a table without files (after an
         # abandon deleted its only batch); with nothing to keep, replacing everything is the same.
         empty = table is not None and not table.file_uris()
         write_deltalake(
             uri,
-            _slices(rows),
+            stream,
             mode="overwrite",
             predicate=None if empty else f"{batch_column} = {_literal(batch_id)}",
             partition_by=[batch_column],

@@ -154,12 +154,22 @@ class Staging:
         for (part,), piece in frame.partition_by(part_column, as_dict=True, include_key=False).items():
             self.put(kind, int(part), piece)
 
+    def files(self, kind: str, part: int) -> list[Path]:
+        """The files put under ``kind`` and ``part``, in the order they were put."""
+        folder = self.folder / kind / f"part-{part}"
+        return sorted(folder.glob("*.parquet")) if folder.exists() else []
+
+    def parts(self, kind: str) -> list[int]:
+        """The parts something was put under for ``kind``."""
+        folder = self.folder / kind
+        found = folder.glob("part-*") if folder.exists() else []
+        return sorted(int(path.name.removeprefix("part-")) for path in found)
+
     def take(self, kind: str, part: int) -> pl.DataFrame | None:
         """Everything put under ``kind`` and ``part`` as one frame (None: nothing was), then forgotten."""
-        folder = self.folder / kind / f"part-{part}"
-        files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+        files = self.files(kind, part)
         if not files:
             return None
         frame = pl.read_parquet(files, schema=self._schemas.get(kind))
-        shutil.rmtree(folder)
+        shutil.rmtree(files[0].parent)
         return frame
