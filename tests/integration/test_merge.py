@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -301,3 +302,32 @@ def test_a_new_integer_partition_is_written_and_an_existing_one_merged(tmp_path:
     assert DeltaTable(uri).history(1)[0]["operation"] == "MERGE"
     stored = pl.read_delta(uri).sort("product_id")
     assert stored.select("product_id", "department_id").rows() == [(1, 2), (2, 5), (3, 5)]
+
+
+def test_rejected_rows_given_as_frames_are_written_once_even_after_a_lost_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows given as a function of frames (the staged rejected rows) are streamed, each frame cast to the
+    first one's schema; when the table turns out to exist already, the function is called again."""
+    uri = str(tmp_path / "rejected")
+    earlier = pl.DataFrame({"value": ["old"], "note": ["x"], "batch_id": ["b1"]})
+    delta.replace_batch_rows(uri, earlier, batch_column="batch_id", batch_id="b1")
+    calls = {"n": 0}
+
+    def frames() -> Iterator[pl.DataFrame]:
+        calls["n"] += 1
+        yield pl.DataFrame({"value": ["a"], "note": ["y"], "batch_id": ["b1"]})
+        yield pl.DataFrame(schema={"value": pl.String, "note": pl.String, "batch_id": pl.String})
+        yield pl.DataFrame({"value": ["b", "c"], "note": [None, None], "batch_id": ["b1", "b1"]})
+
+    _first_open_returns(monkeypatch, None)  # as if another writer created the table meanwhile
+    delta.replace_batch_rows(uri, frames, batch_column="batch_id", batch_id="b1")
+    assert calls["n"] == 2
+    stored = pl.read_delta(uri).sort("value")
+    assert stored.select("value", "note").rows() == [("a", "y"), ("b", None), ("c", None)]
+
+
+def test_no_frames_write_nothing(tmp_path: Path) -> None:
+    uri = str(tmp_path / "rejected")
+    assert delta.replace_batch_rows(uri, lambda: iter([]), batch_column="batch_id", batch_id="b1") is None
+    assert delta.open_table(uri) is None
