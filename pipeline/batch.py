@@ -197,8 +197,8 @@ def _original_text(
 
 
 class _Rejected:
-    """A step's rejected rows as they are found: held in memory, or staged as Parquet when the step is
-    (then no more than one file's late rejects and one staged part are in memory at a time)."""
+    """A step's rejected rows as they are found: held in memory, or staged when the step is (then no
+    more than one file's late rejects and one staged part are in memory at a time)."""
 
     KIND = "rejected"
 
@@ -221,14 +221,14 @@ class _Rejected:
             yield from self._held
         else:
             for path in self.staging.files(self.KIND, 0):
-                yield pl.read_parquet(path)
+                yield self.staging.read(path)
 
     def reasons(self) -> Counter[str]:
         """How many rows have each reason (a row may have several)."""
         if self.staging is None:
             lazy = pl.concat([frame.lazy().select(REASONS) for frame in self._held])
         else:
-            lazy = pl.scan_parquet(self.staging.files(self.KIND, 0)).select(REASONS)
+            lazy = self.staging.scan(self.KIND, 0).select(REASONS)
         # In Polars: millions of rows at 3x the batch.
         counted = lazy.select(pl.col(REASONS).explode().value_counts()).unnest(REASONS).collect()
         return Counter(

@@ -101,7 +101,7 @@ def test_staged_frames_come_back_whole_once(tmp_path: Path) -> None:
     assert staging.take("parsed", 5) is None  # nothing staged for an empty frame
     again = staging.take("parsed", 0)
     assert again is not None and again.get_column("a").to_list() == [1]
-    assert list(tmp_path.rglob("*.parquet")) == []
+    assert list(tmp_path.rglob(f"*{Staging.SUFFIX}")) == []
 
 
 def test_stored_rows_a_bucket_may_meet_add_buckets_not_groups() -> None:
