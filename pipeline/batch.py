@@ -444,6 +444,11 @@ def run_step(
                 progress(f"{spec.name}: taking the original text of {late_rows:,} rows rejected late")
                 for texts in _original_text(late_files, late_of, sources, spec, digests):
                     rejected.add(texts)
+            if rejected.rows != rejected_rows:
+                raise LakehouseError(
+                    f"{spec.name}: {rejected_rows} rows rejected but {rejected.rows} have their text; "
+                    "refusing to write"
+                )
             rejected_version, reasons = _write_rejected(
                 store, spec, batch_id, rejected, now or datetime.now(timezone.utc), progress
             )
@@ -481,6 +486,9 @@ def _plan(
     readable = [path for _, path, layout in sources if layout.field_count]
     csv_bytes = sum(path.stat().st_size for path in readable)
     csv_rows = sum(estimated_records(path) for path in readable)
+    at_most = plan_for(csv_bytes, memory_budget, csv_rows=csv_rows, stored_rows=csv_rows)
+    if at_most == plan_for(csv_bytes, memory_budget):
+        return at_most  # the stored rows cannot change it (a daily batch): the log is not read
     stored = delta.stored_row_count(table_uri(store, spec.name))
     # A table without row counts in its log is taken to hold a stored row for every row of the batch.
     return plan_for(

@@ -144,6 +144,20 @@ MUTANTS = (
         ("tests/integration/test_merge.py",),
     ),
     Mutant(
+        "every staged part of a step's rejected rows is written",
+        "pipeline/batch.py",
+        "            for path in self.staging.files(self.KIND, 0):",
+        "            for path in self.staging.files(self.KIND, 0)[1:]:",
+        ("tests/integration/test_differential.py",),
+    ),
+    Mutant(
+        "every file's late rejects get their text (staged by file)",
+        "pipeline/batch.py",
+        "            late_files = staging.parts(LATE)",
+        "            late_files = staging.parts(LATE)[:1]",
+        ("tests/integration/test_differential.py",),
+    ),
+    Mutant(
         "a signal exits with 128 + its number",
         "pipeline/cli.py",
         "sys.exit(128 + stop.signum)",
