@@ -380,6 +380,7 @@ def run_step(
             late_of: Callable[[int], pl.DataFrame] = partial(_take_late, staging)
             rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
             stored_partitions: list[Any] = []
+            stored_version, none_stored = None, False
         elif valid.height:
             # Lazily and together: Polars then hashes the columns in parallel (measured on the 33 M
             # order items: 0.5 s instead of 1.1 s for eager uniques one after the other).
@@ -388,7 +389,9 @@ def run_step(
             )
             referenced = {fk.column: found.to_series() for fk, found in zip(spec.foreign_keys, uniques)}
             known = _known_references(store, spec, referenced)
-            theirs = _stored_alongside(store, spec, valid)
+            # Read first: the rows are appended without a MERGE only while the table is still there.
+            stored_version = delta.table_version(table_uri(store, spec.name))
+            theirs = _stored_alongside(store, spec, valid, stored_version)
             keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
             late_rows, late_by_file = late.height, _late_by_file(late, typed_columns)
             late_files, late_of = sorted(late_by_file), late_by_file.pop
@@ -402,6 +405,10 @@ def run_step(
                 if theirs is None
                 else _as_stored(theirs.get_column(STORED_PART).filter(keep).drop_nulls().unique(), spec)
             )
+            # A stored row's digest is never null, whatever its values: null means no stored key.
+            none_stored = theirs is None or to_merge == (
+                theirs.get_column(DIGESTS[0]).filter(keep).null_count()
+            )
             del theirs
             # The survivors are not copied out: the merge filters them slice by slice with ``keep``.
             rows = valid.select(pl.col(typed(name)).alias(name) for name in spec.column_names)
@@ -409,6 +416,7 @@ def run_step(
         else:
             rows, keep, kept, to_merge = pl.DataFrame(), pl.Series("keep", [], pl.Boolean), 0, 0
             late_rows, late_files, late_of, stored_partitions = 0, [], _no_late, []
+            stored_version, none_stored = None, False
 
         clock.mark("resolve")
         rejected_rows = rejected.rows + late_rows
@@ -439,6 +447,7 @@ def run_step(
                     spec,
                     keep=keep,
                     stored_partitions=stored_partitions,
+                    none_stored_at=stored_version if none_stored else None,
                 )
             if late_rows:
                 progress(f"{spec.name}: taking the original text of {late_rows:,} rows rejected late")
@@ -512,9 +521,12 @@ def _layout_notes(source: str, layout: FileLayout) -> list[str]:
 STORED_PART, STORED_ORDER = "stored_partition__", "stored_order__"
 
 
-def _stored_alongside(store: Store, spec: TableSpec, valid: pl.DataFrame) -> pl.DataFrame | None:
+def _stored_alongside(
+    store: Store, spec: TableSpec, valid: pl.DataFrame, version: int | None = None
+) -> pl.DataFrame | None:
     """For each valid row, in order: the partition and ordering value (both typed) and the row digests of
-    the row the lakehouse stores under its key now (nulls where none is; None: nothing is stored)."""
+    the row the lakehouse stores under its key as of ``version`` (None: now; nulls where none is; None:
+    nothing is stored)."""
     as_typed = {
         c.name: (pl.col(c.name).str.to_date("%Y-%m-%d") if c.type == "date" else pl.col(c.name)).alias(
             typed(c.name)
@@ -527,7 +539,9 @@ def _stored_alongside(store: Store, spec: TableSpec, valid: pl.DataFrame) -> pl.
         *row_digests(list(as_typed.values())),
     ]
     key = typed(spec.primary_key)
-    stored = delta.stored_rows(table_uri(store, spec.name), spec, valid.get_column(key), [], derived)
+    stored = delta.stored_rows(
+        table_uri(store, spec.name), spec, valid.get_column(key), [], derived, version=version
+    )
     if not stored.height:
         return None
     # One join serves the stale check, the unchanged rows and the moving keys.
@@ -720,8 +734,16 @@ def _write_rejected(
 
 
 def check_tables(store: Store) -> dict[str, int]:
-    """Row counts of the lakehouse tables; fails when any is empty (the seed's Athena check)."""
-    counts = {table: delta.count_rows(table_uri(store, table)) for table in TABLES}
+    """Row counts of the lakehouse tables; fails when any is empty (the seed's Athena check).
+
+    Counted from the log's statistics where every file has them (10 ms, not the 70-100 ms of reading
+    every file's footer at scale 1.0), else from the files.
+    """
+    counts = {}
+    for table in TABLES:
+        uri = table_uri(store, table)
+        stored = delta.stored_row_count(uri)
+        counts[table] = delta.count_rows(uri) if stored is None else stored
     empty = [table for table, count in counts.items() if count == 0]
     if empty:
         raise CheckFailedError(f"check failed: table {', '.join(empty)} has no rows after the batch")

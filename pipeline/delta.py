@@ -78,11 +78,12 @@ def _options() -> dict[str, str]:
     return load_settings().delta_storage_options()
 
 
-def open_table(uri: str) -> DeltaTable | None:
-    """The Delta table at ``uri``, or None when there is none yet."""
+def open_table(uri: str, version: int | None = None) -> DeltaTable | None:
+    """The Delta table at ``uri`` (as of ``version``: the current one if None), or None when there is none
+    yet."""
     try:
         with _failures("open the table", uri):
-            return DeltaTable(uri, storage_options=_options())
+            return DeltaTable(uri, version=version, storage_options=_options())
     except TableNotFoundError:
         return None
 
@@ -195,11 +196,14 @@ def merge_rows(
     *,
     keep: pl.Series | None = None,
     stored_partitions: Sequence[Any] | None = None,
+    none_stored_at: int | None = None,
 ) -> MergeResult:
     """MERGE rows into a table, retrying on commit conflicts; see ``_merge_rows_once``."""
     with _failures("merge into", uri):
         return _retrying_commits(
-            lambda: _merge_rows_once(uri, rows, spec, keep=keep, stored_partitions=stored_partitions)
+            lambda: _merge_rows_once(
+                uri, rows, spec, keep=keep, stored_partitions=stored_partitions, none_stored_at=none_stored_at
+            )
         )
 
 
@@ -210,6 +214,7 @@ def _merge_rows_once(
     *,
     keep: pl.Series | None = None,
     stored_partitions: Sequence[Any] | None = None,
+    none_stored_at: int | None = None,
 ) -> MergeResult:
     """MERGE ``rows`` (typed, unique on the primary key) into the table at ``uri`` on the primary key.
 
@@ -225,6 +230,12 @@ def _merge_rows_once(
     nothing there can match, at a fifth of the time and without the MERGE's join (measured on 16.7 M
     order items into new partitions: 3.1 s and no extra memory, against 16.3 s and 2.3 GiB more).
     Its predicate conflicts with a writer that adds files there meanwhile, as the MERGE's would.
+
+    ``none_stored_at``: a version at which the caller found none of the rows' keys stored (a daily
+    batch of new orders). While the table is still at that version, the rows are appended instead,
+    committed as a compare-and-swap on it: no MERGE, whose cost grows with the partitions named
+    (measured: 90,940 new order items over 30 days, 0.53 s merged, 0.08 s appended). A commit by
+    anyone since that version makes the append fail, and the MERGE decides as always.
     """
     count = rows.height if keep is None else int(keep.sum())
     if count == 0:
@@ -261,6 +272,11 @@ def _merge_rows_once(
                 writer_properties=WriterProperties(max_row_group_size=ROW_GROUP_ROWS),
             )
             return MergeResult(count, 0, table_version(uri))
+        if table.version() == none_stored_at:
+            if _appended(table, rows, spec, keep):
+                return MergeResult(count, 0, table_version(uri))
+            table = open_table(uri)  # another writer committed first: the MERGE sees what they wrote
+            assert table is not None
         predicate = f"t.{key} = s.{key} AND {_in_list(part, sorted(partitions))}"
 
         changed = " OR ".join(
@@ -284,6 +300,25 @@ def _merge_rows_once(
         int(metrics.get("num_target_rows_updated", 0)),
         table_version(uri),
     )
+
+
+def _appended(table: DeltaTable, rows: pl.DataFrame, spec: TableSpec, keep: pl.Series | None) -> bool:
+    """Append ``rows`` to ``table`` as the next version of this very snapshot; False when another
+    writer committed that version first (nothing of the append is then in the table)."""
+    try:
+        write_deltalake(
+            table,
+            _arrow_stream(rows, spec, keep),
+            mode="append",
+            partition_by=[spec.partition_by],
+            writer_properties=WriterProperties(max_row_group_size=ROW_GROUP_ROWS),
+            # No retry: a retried append would land on top of commits it never looked at, which may
+            # hold the same keys (a step run twice at once); failing hands the rows to the MERGE.
+            commit_properties=CommitProperties(max_commit_retries=0),
+        )
+    except CommitFailedError:
+        return False
+    return True
 
 
 def _create_table(uri: str, data: Any, *, partition_by: list[str], **options: Any) -> bool:
@@ -333,10 +368,11 @@ def stored_rows(
     keys: pl.Series,
     columns: Sequence[str],
     derived: Sequence[pl.Expr] = (),
+    version: int | None = None,
 ) -> pl.DataFrame:
     """The primary key, ``columns`` and ``derived`` (expressions over the stored columns) of the stored
-    rows whose key is among ``keys`` (none: no table)."""
-    table = open_table(uri)
+    rows whose key is among ``keys`` (none: no table), as of ``version`` (None: the current one)."""
+    table = open_table(uri, version)
     if table is None:
         return pl.DataFrame(
             schema={

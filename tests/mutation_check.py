@@ -32,6 +32,29 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "an append without a MERGE only for rows none of whose keys are stored",
+        "pipeline/batch.py",
+        "to_merge == (\n",
+        "to_merge >= 0 or (\n",
+        ("tests/integration/test_batch.py", "tests/integration/test_differential.py"),
+    ),
+    Mutant(
+        "the append is committed only on the version its keys were looked up in",
+        "pipeline/delta.py",
+        "        if table.version() == none_stored_at:",
+        "        if none_stored_at is not None:",
+        ("tests/integration/test_merge.py",),
+    ),
+    Mutant(
+        "an append overtaken by another commit is not retried on top of it",
+        "pipeline/delta.py",
+        "commit_properties=CommitProperties(max_commit_retries=0),\n        )\n"
+        "    except CommitFailedError:\n        return False",
+        "commit_properties=CommitProperties(max_commit_retries=15),\n        )\n"
+        "    except CommitFailedError:\n        return False",
+        ("tests/integration/test_merge.py",),
+    ),
+    Mutant(
         "a row's digest covers every column (an update in the last one is not lost)",
         "pipeline/dedup.py",
         "for index, column in enumerate(columns)])",

@@ -331,3 +331,57 @@ def test_no_frames_write_nothing(tmp_path: Path) -> None:
     uri = str(tmp_path / "rejected")
     assert delta.replace_batch_rows(uri, lambda: iter([]), batch_column="batch_id", batch_id="b1") is None
     assert delta.open_table(uri) is None
+
+
+def _last_operation(uri: str) -> tuple[str, str | None]:
+    last = DeltaTable(uri).history(1)[0]
+    return last["operation"], last.get("operationParameters", {}).get("mode")
+
+
+def test_rows_whose_keys_were_not_stored_are_appended_while_the_table_is_where_they_were_looked_up(
+    tmp_path: Path,
+) -> None:
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    looked_up = DeltaTable(uri).version()
+    # A new key in a day that holds rows: a MERGE without ``none_stored_at``, an append with it.
+    result = delta.merge_rows(uri, orders((2, "2025-01-01 11:00:00", 6.0)), ORDERS, none_stored_at=looked_up)
+    assert (result.inserted, result.updated, result.version) == (1, 0, looked_up + 1)
+    assert _last_operation(uri) == ("WRITE", "Append")
+    assert read(uri).get_column("order_id").to_list() == [1, 2]
+    # Looked up at an older version: the table moved on since, so the MERGE decides (2 is stored now).
+    result = delta.merge_rows(
+        uri,
+        orders((2, "2025-01-01 11:00:00", 6.5), (3, "2025-01-01 12:00:00", 7.0)),
+        ORDERS,
+        none_stored_at=looked_up,
+    )
+    assert (result.inserted, result.updated) == (1, 1)
+    assert _last_operation(uri)[0] == "MERGE"
+    assert read(uri).get_column("order_id").to_list() == [1, 2, 3]
+
+
+def test_an_append_that_another_commit_overtakes_is_not_committed_and_the_merge_decides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same step running twice at once: both found the keys unstored; the second must not append them
+    again on top of the first's commit."""
+    uri = str(tmp_path / "orders")
+    delta.merge_rows(uri, orders((1, "2025-01-01 10:00:00", 5.0)), ORDERS)
+    looked_up = DeltaTable(uri).version()
+    rows = orders((2, "2025-01-01 11:00:00", 6.0), (3, "2025-01-02 11:00:00", 7.0))
+    real_write = delta.write_deltalake
+    overtaken = {"n": 0}
+
+    def write_after_the_other_step(table: DeltaTable, data: object, **options: object) -> None:
+        if options.get("mode") == "append" and not overtaken["n"]:
+            overtaken["n"] += 1
+            real_write(uri, rows.to_arrow(), mode="append", partition_by=["date"])  # the other step
+        real_write(table, data, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(delta, "write_deltalake", write_after_the_other_step)
+    result = delta.merge_rows(uri, rows, ORDERS, none_stored_at=looked_up)
+    assert overtaken["n"] == 1
+    assert (result.inserted, result.updated) == (0, 0)
+    assert _last_operation(uri) == ("WRITE", "Append")  # the other step's: the MERGE found nothing to do
+    assert read(uri).get_column("order_id").to_list() == [1, 2, 3]
