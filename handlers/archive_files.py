@@ -23,6 +23,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     store = open_store(event["root"])
     manifest = read_manifest(store, event["manifest"])
     logger.append_keys(batch_id=manifest.batch_id)
-    moved = archive_batch(store, manifest, progress=lambda message: logger.debug(message))
+    moved = archive_batch(
+        store, manifest, progress=lambda message, **fields: logger.debug(message, extra=fields)
+    )
     logger.info("archived", extra={"files": moved})
     return {"batch_id": manifest.batch_id, "archived_files": moved}

@@ -18,7 +18,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from handlers.check_data_availability import execution_alive, start_execution
 from pipeline.lock import release_lock
 from pipeline.manifest import read_manifest, record_loaded
-from pipeline.report import BatchReport, load_step_report, report_key
+from pipeline.report import BatchReport, load_step_errors, load_step_report, report_key
 from pipeline.specs import TABLES
 from pipeline.storage import Store, open_store
 from pipeline.trigger import start_ready_batch
@@ -62,12 +62,16 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
     return {"subject": f"Lakehouse batch {report.batch_id} succeeded", "message": "\n".join(lines)}
 
 
-def _failure(event: dict[str, Any]) -> dict[str, Any]:
+def _failure(store: Store, event: dict[str, Any]) -> dict[str, Any]:
     error, cause = event.get("error") or "unknown error", event.get("cause") or "no cause given"
-    message = (
-        f"Batch {event['batch_id']} failed: {error}.\nCause: {cause}\n"
-        "Its raw files stay in raw/; the next upload (or a re-run) resumes the batch."
-    )
+    # A step's own sentence (a Fargate task's failure only says that its container exited).
+    steps = load_step_errors(store, event["batch_id"])
+    lines = [f"Batch {event['batch_id']} failed: {error}."]
+    lines += [f"Cause: {sentence}" for sentence in steps.values()] or [f"Cause: {cause}"]
+    if steps:
+        lines.append(f"As the state machine reported it: {cause}")
+    lines.append("Its raw files stay in raw/; the next upload (or a re-run) resumes the batch.")
+    message = "\n".join(lines)
     return {"subject": f"Lakehouse batch {event['batch_id']} FAILED", "message": message}
 
 
@@ -77,7 +81,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     logger.append_keys(batch_id=event["batch_id"])
     now = datetime.now(timezone.utc)
     succeeded = event.get("status") == "SUCCEEDED"
-    result = _success(store, event, now) if succeeded else _failure(event)
+    result = _success(store, event, now) if succeeded else _failure(store, event)
     release_lock(store, event["batch_id"])
     if succeeded:
         # Files that landed while this batch ran start the next one now (their events found the lock).

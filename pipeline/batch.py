@@ -35,11 +35,14 @@ from pipeline.manifest import (
     archived_key,
     forget_loaded,
     new_batch_id,
+    raw_files,
     read_manifest,
     record_loaded,
     snapshot,
     unfinished_manifests,
 )
+from pipeline.progress import Progress
+from pipeline.progress import quiet as _quiet
 from pipeline.reader import (
     RAW_RECORD,
     SOURCE_FILE,
@@ -80,12 +83,7 @@ from pipeline.validate import REASONS, TIMESTAMP, polars_type, split_valid, vali
 LAKEHOUSE = "lakehouse-dwh"
 REJECTED = "rejected"
 
-Progress = Callable[[str], None]
 T = TypeVar("T")
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 def table_uri(store: Store, table: str) -> str:
@@ -134,6 +132,22 @@ def _rejected_rows(frame: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
         pl.col(REASONS).cast(pl.List(pl.String)),
         pl.col(SOURCE_FILE).alias("source_file"),
         pl.col(SOURCE_LINE).alias("source_line"),
+    )
+
+
+def rejected_schema(spec: TableSpec) -> pl.Schema:
+    """The columns of ``rejected/<table>``: every column as text, the record, reasons, source, batch."""
+    columns: dict[str, pl.DataType] = {name: pl.String() for name in spec.column_names}
+    return pl.Schema(
+        {
+            **columns,
+            "raw_record": pl.String(),
+            REASONS: pl.List(pl.String),
+            "source_file": pl.String(),
+            "source_line": pl.Int64(),
+            "batch_id": pl.String(),
+            "rejected_at": TIMESTAMP,
+        }
     )
 
 
@@ -326,7 +340,11 @@ def run_step(
         readable = [(index, source) for index, source in enumerate(sources) if source[2].field_count]
         progress(
             f"{spec.name}: reading {len(readable)} file(s)"
-            + (f" into {plan.buckets} buckets of keys" if staging else "")
+            + (f" into {plan.buckets} buckets of keys" if staging else ""),
+            event="step_started",
+            table=spec.name,
+            files=len(readable),
+            bytes=sum(info.size for info in manifest.files[spec.name]),
         )
         streams = []
         for index, (name, path, layout) in readable:
@@ -335,9 +353,19 @@ def run_step(
                 read_chunks(path, spec, name, layout, stats=stats[index], expected_digest=digests[index])
             )
         # Chunks of two files interleave; a row's place in the batch is its _order (file, line).
+        total_bytes = sum(source[1].stat().st_size for _, source in readable)
         for stream_index, chunk in prefetched(streams):
             file_index = readable[stream_index][0]
             rows_in += chunk.records.height + chunk.malformed.height
+            read_bytes = min(total_bytes, sum(read.bytes_read for read in stats.values()))
+            progress(
+                f"{spec.name}: reading, {rows_in:,} rows so far",
+                event="reading",
+                table=spec.name,
+                rows=rows_in,
+                bytes=read_bytes,
+                total_bytes=total_bytes,
+            )
             if chunk.malformed.height:
                 rejected.add(_malformed_rows(chunk.malformed, spec))
             # Valid rows are kept typed only: the text of the few rejected later is cut out again.
@@ -362,7 +390,12 @@ def run_step(
         notes += [note for read in stats.values() for note in read.notes]
 
         clock.mark("read")
-        progress(f"{spec.name}: deduplicating and checking references")
+        progress(
+            f"{spec.name}: deduplicating and checking references",
+            event="resolving",
+            table=spec.name,
+            rows=rows_in,
+        )
         valid = pl.concat(valid_parts, rechunk=False) if valid_parts else pl.DataFrame()
         del valid_parts
         moved_from: list[Any] = []
@@ -433,7 +466,10 @@ def run_step(
             progress(
                 f"{spec.name}: merging {to_merge:,} rows"
                 + (f" in {plan.groups} groups" if staging else "")
-                + (f"; {kept - to_merge:,} are stored as they are" if kept > to_merge else "")
+                + (f"; {kept - to_merge:,} are stored as they are" if kept > to_merge else ""),
+                event="merging",
+                table=spec.name,
+                rows=to_merge,
             )
             if not to_merge:
                 merging = None
@@ -450,7 +486,12 @@ def run_step(
                     none_stored_at=stored_version if none_stored else None,
                 )
             if late_rows:
-                progress(f"{spec.name}: taking the original text of {late_rows:,} rows rejected late")
+                progress(
+                    f"{spec.name}: taking the original text of {late_rows:,} rows rejected late",
+                    event="late_rejects",
+                    table=spec.name,
+                    rows=late_rows,
+                )
                 for texts in _original_text(late_files, late_of, sources, spec, digests):
                     rejected.add(texts)
             if rejected.rows != rejected_rows:
@@ -618,7 +659,14 @@ def _resolve_staged(
         valid = staging.take("parsed", bucket)
         if valid is None:
             continue
-        progress(f"{spec.name}: resolving bucket {bucket + 1} of {plan.buckets} ({valid.height:,} rows)")
+        progress(
+            f"{spec.name}: resolving bucket {bucket + 1} of {plan.buckets} ({valid.height:,} rows)",
+            event="resolving",
+            table=spec.name,
+            rows=valid.height,
+            bucket=bucket + 1,
+            buckets=plan.buckets,
+        )
         theirs = _stored_alongside(store, spec, valid)
         keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
         # Staged by file: their text is recovered file by file once every bucket is resolved.
@@ -722,7 +770,12 @@ def _write_rejected(
     if not rejected.rows:
         return delta.table_version(rejected_uri(store, spec.name)), Counter()
     reasons = rejected.reasons()
-    progress(f"{spec.name}: writing {rejected.rows:,} rejected rows")
+    progress(
+        f"{spec.name}: writing {rejected.rows:,} rejected rows",
+        event="rejected",
+        table=spec.name,
+        rows=rejected.rows,
+    )
     batch = (pl.lit(batch_id).alias("batch_id"), pl.lit(rejected_at).cast(TIMESTAMP).alias("rejected_at"))
     version = delta.replace_batch_rows(
         rejected_uri(store, spec.name),
@@ -792,15 +845,27 @@ def run_batch(
         notes.append(message)
         progress(message)
 
+    if not unfinished_manifests(store):
+        raw_files(store)  # nothing to load writes nothing: no lock in a folder that is no lakehouse
     with batch_lock(store, batch_id, notify=note) as lock:
         pending = unfinished_manifests(store)
         if pending:
             manifest = pending[0]
-            progress(f"resuming unfinished batch {manifest.batch_id}")
+            progress(
+                f"resuming unfinished batch {manifest.batch_id}",
+                event="batch_resumed",
+                batch=manifest.batch_id,
+            )
         else:
             manifest = _guard("snapshot", lambda: snapshot(store, batch_id, started_at, force=force))
             store.write_bytes(manifest.key, manifest.to_json(), if_absent=True)
-            progress(f"batch {manifest.batch_id}: {sum(len(f) for f in manifest.files.values())} files")
+            files = sum(len(f) for f in manifest.files.values())
+            progress(
+                f"batch {manifest.batch_id}: {files} files",
+                event="batch_started",
+                batch=manifest.batch_id,
+                files=files,
+            )
 
         steps = []
         for spec in TABLES.values():
@@ -812,6 +877,16 @@ def run_batch(
                 )
                 report = _guard(spec.name, step)
                 save_step_report(store, manifest.batch_id, report)
+                progress(
+                    f"{spec.name}: {report.rows_in:,} rows in, {report.inserted + report.updated:,} written, "
+                    f"{report.rejected:,} rejected in {report.seconds:.1f} s",
+                    event="step_finished",
+                    table=spec.name,
+                    rows=report.rows_in,
+                    written=report.inserted + report.updated,
+                    rejected=report.rejected,
+                    seconds=report.seconds,
+                )
             steps.append(report)
         _still_held(lock)
         # Checks before the archive: a batch that fails them keeps its files in raw/.

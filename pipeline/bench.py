@@ -20,9 +20,9 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.progress import Progress
 from pipeline.specs import TABLES
 
-Progress = Callable[[str], None]
 GIB = 1 << 30
 EXTRA_DAYS = 5
 

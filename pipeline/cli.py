@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import TYPE_CHECKING, Callable, Optional
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
+from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.errors import LakehouseError, describe
 
 if TYPE_CHECKING:
-    from rich.status import Status
-
+    from pipeline.progress import Progress
     from pipeline.report import BatchReport, StepReport
+    from pipeline.storage import Store
 
 app = typer.Typer(
     help="E-commerce lakehouse: raw CSVs -> validated, deduplicated, partitioned Delta tables.",
@@ -27,30 +31,173 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "log_format": "auto", "batch": None, "command": None}
+LOG_FORMATS = ("auto", "text", "json")
+STARTED = time.monotonic()
 
 ROOT_HELP = (
-    "Lakehouse root: a local folder or s3://bucket[/prefix] (endpoint and credentials from AWS_* variables)."
+    "Lakehouse root: a local folder or s3://bucket[/prefix] (endpoint and credentials from AWS_* "
+    "variables); default $LAKEHOUSE_ROOT."
 )
+ROOT_ENV = "LAKEHOUSE_ROOT"
+
+
+def _root_option() -> Any:
+    return typer.Option(..., "--root", help=ROOT_HELP, envvar=ROOT_ENV, show_envvar=False)
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("ecommerce-lakehouse")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown"
+        out.print(f"lakehouse {number}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+def _log_format(value: str) -> str:
+    if value not in LOG_FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(LOG_FORMATS)}")
+    return value
 
 
 @app.callback()
 def _options(
+    context: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+    log_format: str = typer.Option(
+        "auto",
+        "--log-format",
+        help="What goes to stderr while a command works: text for people, json lines for machines; "
+        "auto: text on a terminal, json otherwise (Fargate, Glue, CI, a pipe).",
+        callback=_log_format,
+    ),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
 ) -> None:
     _state["debug"] = debug
+    _state["log_format"] = log_format
+    _state["command"] = context.invoked_subcommand
 
 
-def _progress(status: Status) -> Callable[[str], None]:
-    def report(message: str) -> None:
-        status.update(f"[bold]{message}")
+def json_logs() -> bool:
+    """Whether progress and errors go to stderr as JSON lines."""
+    chosen = _state["log_format"]
+    return bool(chosen == "json" or (chosen == "auto" and not console.is_terminal))
 
-    return report
+
+def log_event(level: str, event: str, message: str, **fields: Any) -> None:
+    """One JSON object on one line of stderr: time, level, event, command, batch, message, fields."""
+    import json
+    from datetime import datetime, timezone
+
+    _state["batch"] = fields.pop("batch", None) or _state["batch"]
+    record = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "level": level,
+        "event": event,
+        "command": _state["command"],
+        "batch": _state["batch"],
+        "message": message,
+        "elapsed": round(time.monotonic() - STARTED, 3),  # seconds since the command started
+        **fields,
+    }
+    sys.stderr.write(json.dumps(record, default=str) + "\n")
+    sys.stderr.flush()
+
+
+READING_EVERY = 5.0  # seconds between two "reading" events of a table in a JSON log
+
+
+@contextlib.contextmanager
+def _working(first: str) -> Iterator[Progress]:
+    """What a command reports while it works: a spinner and a bar per table being read on a terminal,
+    a line per event when text goes to a pipe, a JSON object per event in a JSON log."""
+    if json_logs():
+        last_read: dict[str, float] = {}
+
+        def as_json(message: str, /, **fields: Any) -> None:
+            event = fields.pop("event", "progress")
+            if event == "reading":  # one a chunk: a few a table are enough for a log
+                table, now = str(fields.get("table")), time.monotonic()
+                if (
+                    now - last_read.get(table, 0.0) < READING_EVERY
+                    and fields["bytes"] < fields["total_bytes"]
+                ):
+                    return
+                last_read[table] = now
+            log_event("info", event, message, **fields)
+
+        as_json(first, event="started")
+        yield as_json
+    elif console.is_terminal:
+        from rich.console import Group
+        from rich.live import Live
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.spinner import Spinner
+
+        status = Spinner("dots", text=Text(first, style="bold"))
+        bars = Progress(
+            TextColumn("  {task.description}", markup=False),
+            BarColumn(bar_width=20),
+            TaskProgressColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[rows]}", markup=False),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        reading: dict[str, Any] = {}
+        with Live(Group(status, bars), console=console, transient=True, refresh_per_second=8):
+
+            def on_terminal(message: str, /, **fields: Any) -> None:
+                if fields.get("event") == "reading":
+                    table = str(fields["table"])
+                    if table not in reading:
+                        reading[table] = bars.add_task(table, total=fields["total_bytes"], rows="")
+                    bars.update(reading[table], completed=fields["bytes"], rows=f"{fields['rows']:,} rows")
+                # File names and errors are not markup: ``raw/[x].csv`` is shown as it is.
+                status.update(text=Text(message, style="bold"))
+
+            yield on_terminal
+    else:
+
+        def as_lines(message: str, /, **fields: Any) -> None:
+            if fields.get("event") != "reading":
+                console.print(Text(message), highlight=False, soft_wrap=True)
+
+        as_lines(first)
+        yield as_lines
+
+
+def _store(root: str, *, must_exist: bool = True) -> Store:
+    """The store of ``root``, checked before anything is written: a typo names no folder or bucket."""
+    from pipeline.errors import UsageError
+    from pipeline.storage import open_store
+
+    store = open_store(root)
+    if must_exist and not store.exists():
+        raise UsageError(
+            f"root {root} does not exist"
+            + ("" if store.root in (root, root.rstrip("/")) else f" ({store.root})")
+            + "; check --root (or $LAKEHOUSE_ROOT)"
+        )
+    return store
 
 
 @app.command()
 def generate(
-    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    root: str = _root_option(),
     scale: float = typer.Option(
         0.01, "--scale", help="1.0 is the Instacart size (3.4 M orders, 33.8 M items)."
     ),
@@ -66,21 +213,20 @@ def generate(
     """Write Instacart-like CSVs (about 1% dirty rows) into ROOT/raw/<table>/."""
     from pipeline.generate import generate as generate_full
     from pipeline.generate import generate_next_day
-    from pipeline.storage import open_store
 
-    store = open_store(root)
-    with console.status("generating") as status:
+    store = _store(root, must_exist=False)
+    with _working("generating") as progress:
         if next_day:
             result = generate_next_day(
                 store,
                 scale=scale,
                 seed=seed,
                 dirty=not clean,
-                progress=_progress(status),
+                progress=progress,
                 product_limit=product_limit,
             )
         else:
-            result = generate_full(store, scale=scale, seed=seed, dirty=not clean, progress=_progress(status))
+            result = generate_full(store, scale=scale, seed=seed, dirty=not clean, progress=progress)
     for table, rows in result.rows.items():
         out.print(f"{table}: {rows:,} rows")
     out.print(f"{len(result.files)} files written under {store.uri('raw/')}")
@@ -109,7 +255,7 @@ def _memory_budget(value: str) -> str:
 
 @app.command()
 def run(
-    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    root: str = _root_option(),
     force: bool = typer.Option(
         False, "--force", help="Load files even if a succeeded batch loaded the same content already."
     ),
@@ -119,20 +265,19 @@ def run(
 ) -> None:
     """Process one batch: every CSV now in ROOT/raw/ (or resume the unfinished batch)."""
     from pipeline.batch import run_batch
-    from pipeline.storage import open_store
 
-    store = open_store(root)
-    with console.status("starting") as status:
-        report = run_batch(
-            store, progress=_progress(status), force=force, memory_budget=parse_size(memory_budget)
-        )
+    store = _store(root)
+    with _working("starting") as progress:
+        report = run_batch(store, progress=progress, force=force, memory_budget=parse_size(memory_budget))
     _print_summary(report)
+    if json_logs():
+        log_event("info", "batch_report", _batch_line(report), batch=report.batch_id, report=asdict(report))
 
 
 @app.command()
 def step(
     table: str = typer.Argument(..., help="products, orders or order_items."),
-    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    root: str = _root_option(),
     manifest: str = typer.Option(
         ..., "--manifest", help="The batch manifest: a key under ROOT, its full URI, or a batch id."
     ),
@@ -144,12 +289,13 @@ def step(
     from pipeline.batch import load_step_report, run_step, save_step_report
     from pipeline.errors import StepError
     from pipeline.manifest import read_manifest
+    from pipeline.report import forget_step_error, save_step_error
     from pipeline.specs import get_spec
-    from pipeline.storage import open_store
 
-    store = open_store(root)
+    store = _store(root)
     spec = get_spec(table)
     batch = read_manifest(store, manifest)
+    _state["batch"] = batch.batch_id
     done = load_step_report(store, batch.batch_id, spec.name)
     if done is not None:
         # A resumed batch runs every step again: a step that committed is not redone (its files may be
@@ -157,15 +303,39 @@ def step(
         out.print(f"step {table} of batch {batch.batch_id} is done already", highlight=False)
         _print_steps([done])
         return
-    with console.status(f"{table}") as status:
+    with _working(f"{table}") as progress:
         try:
-            report = run_step(
-                store, batch, spec, progress=_progress(status), memory_budget=parse_size(memory_budget)
-            )
-        except LakehouseError as error:
-            raise StepError(table, error) from error
+            report = run_step(store, batch, spec, progress=progress, memory_budget=parse_size(memory_budget))
+        except Exception as error:
+            failure = StepError(table, error) if isinstance(error, LakehouseError) else error
+            # On AWS the task's own failure says only that the container exited: the cause is kept here.
+            with contextlib.suppress(Exception):
+                save_step_error(store, batch.batch_id, spec.name, describe(failure))
+            if failure is error:
+                raise
+            raise failure from error
     save_step_report(store, batch.batch_id, report)
+    forget_step_error(store, batch.batch_id, spec.name)
     _print_steps([report])
+    if json_logs():
+        log_event(
+            "info",
+            "step_report",
+            f"step {table} of batch {batch.batch_id} done",
+            table=report.table,
+            rows=report.rows_in,
+            seconds=report.seconds,
+            report=asdict(report),
+        )
+
+
+QUERY_FORMATS = ("table", "csv", "json")
+
+
+def _query_format(value: str) -> str:
+    if value not in QUERY_FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(QUERY_FORMATS)}")
+    return value
 
 
 @app.command()
@@ -173,25 +343,64 @@ def query(
     sql: str = typer.Argument(
         ..., help="Polars SQL over products, orders, order_items and rejected_<table>."
     ),
-    root: str = typer.Option(..., "--root", help=ROOT_HELP),
-    limit: int = typer.Option(50, "--limit", help="Rows to print at most."),
+    root: str = _root_option(),
+    limit: int = typer.Option(50, "--limit", min=0, help="Rows to return at most (0: all)."),
+    output: str = typer.Option(
+        "table", "--format", help="table, csv or json (one object per row).", callback=_query_format
+    ),
 ) -> None:
     """Run SQL over the lakehouse tables (the local stand-in for Athena)."""
     import polars as pl
 
     from pipeline.query import run_query
-    from pipeline.storage import open_store
 
-    result = run_query(open_store(root), sql)
-    with pl.Config(tbl_rows=limit, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
-        out.print(str(result.head(limit)), highlight=False)
-    if result.height > limit:
-        out.print(f"({result.height:,} rows, {limit} shown)")
+    # One row more than shown: whether the result was cut, without running the query to its end.
+    result = run_query(_store(root), sql, limit=limit + 1 if limit else None)
+    cut = bool(limit) and result.height > limit
+    if cut:
+        result = result.head(limit)
+    if output == "csv":
+        sys.stdout.write(result.write_csv())
+    elif output == "json":
+        sys.stdout.write(result.write_ndjson())
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=40, tbl_width_chars=out.width):
+            out.print(str(result), highlight=False, markup=False)
+    if cut:
+        console.print(f"(the first {limit} rows; --limit 0 for all)", highlight=False, markup=False)
+
+
+@app.command()
+def status(
+    root: str = _root_option(),
+    last: int = typer.Option(10, "--last", min=1, help="How many batches to list."),
+) -> None:
+    """The last batches: status (unfinished: steps done of all), rows in, written, rejected, duration."""
+    from pipeline.report import batch_history
+
+    lines = batch_history(_store(root), last)
+    if not lines:
+        out.print(f"no batch has run under {root} yet", highlight=False, markup=False)
+        return
+    table = Table(title="batches", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for header in ("batch", "status", "rows in", "written", "rejected", "seconds"):
+        left = header in ("batch", "status")
+        table.add_column(header, justify="left" if left else "right", overflow="fold")
+    for line in lines:
+        table.add_row(
+            line.batch_id,
+            line.status if line.status != "unfinished" else f"unfinished {line.steps_done}/{line.steps}",
+            f"{line.rows_in:,}",
+            f"{line.written:,}",
+            f"{line.rejected:,}",
+            "-" if line.seconds is None else f"{line.seconds:.1f}",
+        )
+    out.print(table)
 
 
 @app.command()
 def maintain(
-    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    root: str = _root_option(),
     retention_hours: int = typer.Option(
         168,
         "--retention-hours",
@@ -200,12 +409,10 @@ def maintain(
 ) -> None:
     """Compact small files, vacuum old ones and checkpoint every lakehouse and rejected table."""
     from pipeline.batch import maintain_tables
-    from pipeline.storage import open_store
 
-    with console.status("maintaining") as status:
-        results = maintain_tables(
-            open_store(root), retention_hours=retention_hours, progress=_progress(status)
-        )
+    store = _store(root)
+    with _working("maintaining") as progress:
+        results = maintain_tables(store, retention_hours=retention_hours, progress=progress)
     table = Table(title="maintenance")
     for header in ("table", "files compacted", "files written", "files vacuumed", "version"):
         table.add_column(header, justify="left" if header == "table" else "right")
@@ -251,7 +458,7 @@ def bench(
         raise typer.BadParameter(
             f"unknown input shape {unknown[0]!r}; the shapes are: {', '.join(SHAPES)}", param_hint="--shapes"
         )
-    with console.status("benchmark") as status:
+    with _working("benchmark") as progress:
         figures = run_bench(
             scale=scale,
             small_scale=small_scale,
@@ -259,7 +466,7 @@ def bench(
             seed=seed,
             shapes=chosen,
             triple=triple,
-            progress=_progress(status),
+            progress=progress,
         )
     print_figures(figures, out)
     if json_file:
@@ -272,14 +479,13 @@ def bench(
 
 @app.command()
 def unlock(
-    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    root: str = _root_option(),
     force: bool = typer.Option(False, "--force", help="Remove the lock even if its holder may still run."),
 ) -> None:
     """Remove the batch lock left by a run that died (a live holder's only with --force)."""
     from pipeline.lock import unlock as remove_lock
-    from pipeline.storage import open_store
 
-    store = open_store(root)
+    store = _store(root)
     holder = remove_lock(store, force=force)
     if holder is None:
         out.print(f"{store.root} is not locked", highlight=False)
@@ -290,13 +496,12 @@ def unlock(
 @app.command()
 def abandon(
     batch_id: str = typer.Argument(..., help="The unfinished batch to give up (its id or manifest)."),
-    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    root: str = _root_option(),
 ) -> None:
     """Give up an unfinished batch: remove its manifest, rejected rows and step reports."""
     from pipeline.batch import abandon_batch
-    from pipeline.storage import open_store
 
-    done = abandon_batch(open_store(root), batch_id)
+    done = abandon_batch(_store(root), batch_id)
     rejected = ", ".join(f"{table} {count:,}" for table, count in done.rejected_rows.items())
     out.print(
         f"abandoned batch {done.batch_id}: removed its manifest, {done.step_reports} step report(s), "
@@ -313,39 +518,44 @@ def abandon(
     )
 
 
+TOP_REASONS = 5
+WIDE = 110
+
+
 def _print_steps(steps: list[StepReport]) -> None:
-    table = Table(title="rows per table")
-    for header in (
-        "table",
-        "files",
-        "rows in",
-        "inserted",
-        "updated",
-        "unchanged",
-        "rejected",
-        "delta version",
-        "seconds",
-    ):
-        table.add_column(header, justify="left" if header == "table" else "right")
+    """The rows per table and the top reasons per table; at 80 columns (a pipe, CloudWatch) no figure
+    is cut, and a wide terminal also shows files and versions."""
+    wide = out.width >= WIDE
+    headers = ["table", "rows in", "inserted", "updated", "unchanged", "rejected", "seconds"]
+    if wide:
+        headers[1:1] = ["files"]
+        headers[-1:-1] = ["version"]
+    table = Table(title="rows per table", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for header in headers:
+        table.add_column(header, justify="left" if header == "table" else "right", overflow="fold")
     for s in steps:
-        table.add_row(
-            s.table,
-            str(s.files),
-            f"{s.rows_in:,}",
-            f"{s.inserted:,}",
-            f"{s.updated:,}",
-            f"{s.unchanged:,}",
-            f"{s.rejected:,}",
-            "-" if s.delta_version is None else str(s.delta_version),
-            f"{s.seconds:.2f}",
-        )
+        version = "-" if s.delta_version is None else str(s.delta_version)
+        figures = [s.rows_in, s.inserted, s.updated, s.unchanged, s.rejected]
+        cells = [s.table, *(f"{n:,}" for n in figures), f"{s.seconds:.2f}"]
+        if wide:
+            cells[1:1] = [str(s.files)]
+            cells[-1:-1] = [version]
+        table.add_row(*cells)
     out.print(table)
-    reasons = Table(title="rejected rows by reason")
+    reasons = Table(
+        title="rejected rows: top reasons", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False
+    )
     for header in ("table", "reason", "rows"):
-        reasons.add_column(header, justify="right" if header == "rows" else "left")
+        reasons.add_column(header, justify="right" if header == "rows" else "left", overflow="fold")
+    several = False
     for s in steps:
-        for reason, count in s.rejected_by_reason.items():
+        ranked = sorted(s.rejected_by_reason.items(), key=lambda item: (-item[1], item[0]))
+        for reason, count in ranked[:TOP_REASONS]:
             reasons.add_row(s.table, reason, f"{count:,}")
+        rest = ranked[TOP_REASONS:]
+        if rest:
+            reasons.add_row(s.table, f"{len(rest)} other reasons", f"{sum(c for _, c in rest):,}")
+        several |= sum(s.rejected_by_reason.values()) > s.rejected
         for note in s.notes:
             out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
         for file in s.empty_files:
@@ -361,13 +571,24 @@ def _print_steps(steps: list[StepReport]) -> None:
             )
     if reasons.row_count:
         out.print(reasons)
+        if several:
+            out.print(
+                "a row can have several reasons: the counts add up to more than the rows rejected "
+                "(all of them: `lakehouse query` over rejected_<table>)",
+                highlight=False,
+                markup=False,
+            )
 
 
 def _print_summary(report: BatchReport) -> None:
     _print_steps(report.steps)
     for note in report.notes:
         out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
-    out.print(
+    out.print(_batch_line(report), highlight=False, markup=False)
+
+
+def _batch_line(report: BatchReport) -> str:
+    return (
         f"batch {report.batch_id} {report.status} in {report.seconds:.1f} s; "
         f"{report.archived_files} files archived; rows now: "
         + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items())
@@ -472,19 +693,15 @@ def _main(argv: list[str] | None) -> None:
     except LakehouseError as error:
         if _state["debug"]:
             raise
-        # One line however long: logs (CloudWatch, CI) keep the sentence whole.
-        console.print(f"[red]error:[/red] {escape(describe(error))}", highlight=False, soft_wrap=True)
+        _say_error(describe(error), type(error).__name__)
         sys.exit(1)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        console.print("interrupted: the batch is unfinished; `lakehouse run` resumes it", highlight=False)
+        _say_stopped("interrupted: the batch is unfinished; `lakehouse run` resumes it")
         sys.exit(130)
     except Terminated as stop:
-        console.print(
-            f"stopped by signal {stop.signum}: the batch is unfinished; `lakehouse run` resumes it",
-            highlight=False,
-        )
+        _say_stopped(f"stopped by signal {stop.signum}: the batch is unfinished; `lakehouse run` resumes it")
         sys.exit(128 + stop.signum)
     except Exception as error:  # the CLI promises one sentence, not a traceback
         # Usage errors are click's ClickException, which typer 0.26+ vendors (typer._click) instead of
@@ -495,14 +712,25 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(exit_code)
         if _state["debug"]:
             raise
-        console.print(
-            f"[red]error:[/red] {escape(describe(error))} (run with --debug for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _say_error(f"{describe(error)} (run with --debug for the traceback)", type(error).__name__)
         sys.exit(1)
     # Without standalone mode, typer returns what it would have exited with (130 after Ctrl-C).
     if isinstance(code, int) and code:
         if code == 130:
-            console.print("interrupted: the batch is unfinished; `lakehouse run` resumes it", highlight=False)
+            _say_stopped("interrupted: the batch is unfinished; `lakehouse run` resumes it")
         sys.exit(code)
+
+
+def _say_error(sentence: str, kind: str) -> None:
+    if json_logs():
+        log_event("error", "failed", sentence, error=kind)
+    else:
+        # One line however long: logs (CloudWatch, CI) keep the sentence whole.
+        console.print(Text.assemble(("error:", "red"), " ", sentence), highlight=False, soft_wrap=True)
+
+
+def _say_stopped(sentence: str) -> None:
+    if json_logs():
+        log_event("warning", "stopped", sentence)
+    else:
+        console.print(Text(sentence), highlight=False)

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -20,6 +19,7 @@ from pipeline import delta
 from pipeline.batch import table_uri
 from pipeline.errors import UsageError
 from pipeline.manifest import raw_prefix
+from pipeline.progress import Progress, quiet
 from pipeline.specs import ORDER_ITEMS, ORDERS, PRODUCTS, TableSpec
 from pipeline.storage import Store
 
@@ -89,8 +89,6 @@ WORDS = (
     "Sourdough",
     "Bread",
 )
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -318,7 +316,7 @@ def generate(
     """Write a full Instacart-like batch into ``raw/`` of ``store``."""
     if scale <= 0:
         raise UsageError(f"scale must be positive, not {scale}")
-    report = progress or (lambda _: None)
+    report = progress or quiet
     rng = np.random.default_rng(seed)
     share = DIRTY_SHARE if dirty else 0.0
     n_products = max(10, round(PRODUCTS_AT_SCALE_1 * scale))
@@ -385,7 +383,7 @@ def generate_next_day(
     ``product_limit`` keeps the items' product ids at or below it, so the same batch finds all its
     products in a smaller lake too (the benchmark's growth figure merges one batch into two lakes).
     """
-    report = progress or (lambda _: None)
+    report = progress or quiet
     orders_scan = delta.scan(table_uri(store, "orders"))
     products_scan = delta.scan(table_uri(store, "products"))
     items_scan = delta.scan(table_uri(store, "order_items"))

@@ -95,12 +95,8 @@ def is_csv(info: ObjectInfo) -> bool:
     return name.lower().endswith(".csv") and not name.startswith(".")
 
 
-def snapshot(store: Store, batch_id: str, now: datetime, *, force: bool = False) -> Manifest:
-    """List the CSV files now in ``raw/``; raise if a dataset has none.
-
-    Each file's content is identified (hashed locally, its ETag on S3); a content that a succeeded batch
-    loaded already is marked ``loaded_by`` that batch, and skipped, unless ``force``.
-    """
+def raw_files(store: Store) -> dict[str, list[ObjectInfo]]:
+    """The CSV files now in ``raw/``, by table; raise if a dataset has none."""
     found = {table: [info for info in store.list(raw_prefix(table)) if is_csv(info)] for table in TABLES}
     missing = [table for table, infos in found.items() if not infos]
     if missing:
@@ -108,6 +104,16 @@ def snapshot(store: Store, batch_id: str, now: datetime, *, force: bool = False)
             f"no batch started: {', '.join(raw_prefix(t) for t in missing)} "
             f"{'has' if len(missing) == 1 else 'have'} no .csv file under {store.root}"
         )
+    return found
+
+
+def snapshot(store: Store, batch_id: str, now: datetime, *, force: bool = False) -> Manifest:
+    """List the CSV files now in ``raw/``; raise if a dataset has none.
+
+    Each file's content is identified (hashed locally, its ETag on S3); a content that a succeeded batch
+    loaded already is marked ``loaded_by`` that batch, and skipped, unless ``force``.
+    """
+    found = raw_files(store)
     infos = [info for table in TABLES for info in found[table]]
     # Hashing releases the GIL: two files at a time.
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -85,11 +85,13 @@ class ReadStats:
         empty_lines: empty lines (no records; counted, not rejected).
         digest: SHA-256 of the bytes read.
         notes: long records kept in part, and the like.
+        bytes_read: how far into the file reading is (for progress; read ahead by up to a block).
     """
 
     empty_lines: int = 0
     digest: str | None = None
     notes: list[str] = field(default_factory=list)
+    bytes_read: int = 0
 
 
 def read_layout(path: Path, spec: TableSpec, source: str) -> FileLayout | None:
@@ -228,6 +230,7 @@ def read_chunks(
                 if isinstance(item, LongRecord)
                 else _parse_span(item, spec, source, layout, stats)
             )
+            stats.bytes_read = handle.tell()
             yield chunk
         stats.empty_lines = stream.empty_lines
         stats.digest = stream.digest

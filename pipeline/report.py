@@ -60,6 +60,29 @@ def report_key(batch_id: str) -> str:
     return f"{REPORTS}/{batch_id}.json"
 
 
+def step_error_key(batch_id: str, table: str) -> str:
+    return f"{REPORTS}/{batch_id}/{table}.error.json"
+
+
+def save_step_error(store: Store, batch_id: str, table: str, error: str) -> None:
+    """Keep why a step failed next to where its report would be (FinishBatch puts it in the message)."""
+    store.write_bytes(step_error_key(batch_id, table), json.dumps({"table": table, "error": error}).encode())
+
+
+def forget_step_error(store: Store, batch_id: str, table: str) -> None:
+    store.delete(step_error_key(batch_id, table))
+
+
+def load_step_errors(store: Store, batch_id: str) -> dict[str, str]:
+    """Why the steps of a batch that failed did, by table (none: no step failed, or none said why)."""
+    errors = {}
+    for info in store.list(f"{REPORTS}/{batch_id}/"):
+        if info.key.endswith(".error.json"):
+            saved = json.loads(store.read_bytes(info.key))
+            errors[str(saved["table"])] = str(saved["error"])
+    return errors
+
+
 def save_step_report(store: Store, batch_id: str, report: StepReport) -> None:
     store.write_bytes(step_report_key(batch_id, report.table), json.dumps(asdict(report), indent=2).encode())
 
@@ -79,3 +102,57 @@ def load_report(store: Store, batch_id: str) -> BatchReport | None:
     raw = json.loads(store.read_bytes(key))
     raw["steps"] = [StepReport(**step) for step in raw["steps"]]
     return BatchReport(**raw)
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One batch as ``lakehouse status`` lists it."""
+
+    batch_id: str
+    status: str
+    rows_in: int
+    written: int
+    rejected: int
+    seconds: float | None
+    steps_done: int
+    steps: int
+
+
+def batch_history(store: Store, last: int) -> list[BatchLine]:
+    """The ``last`` batches, newest first: finished ones from their reports, unfinished ones from their
+    manifests and the step reports written so far."""
+    from pipeline.manifest import unfinished_manifests
+
+    finished = [
+        info.key.rsplit("/", 1)[-1].removesuffix(".json")
+        for info in store.list(f"{REPORTS}/")
+        if info.key.endswith(".json") and info.key.count("/") == 1
+    ]
+    lines = []
+    for manifest in unfinished_manifests(store):
+        steps = [
+            step
+            for step in (load_step_report(store, manifest.batch_id, table) for table in manifest.files)
+            if step is not None
+        ]
+        lines.append(_line(manifest.batch_id, "unfinished", steps, None, len(manifest.files)))
+    for batch_id in sorted(finished)[-last:]:
+        report = load_report(store, batch_id)
+        if report is not None:
+            lines.append(_line(batch_id, report.status, report.steps, report.seconds, len(report.steps)))
+    return sorted(lines, key=lambda line: line.batch_id, reverse=True)[:last]
+
+
+def _line(
+    batch_id: str, status: str, steps: list[StepReport], seconds: float | None, tables: int
+) -> BatchLine:
+    return BatchLine(
+        batch_id=batch_id,
+        status=status,
+        rows_in=sum(step.rows_in for step in steps),
+        written=sum(step.inserted + step.updated for step in steps),
+        rejected=sum(step.rejected for step in steps),
+        seconds=seconds,
+        steps_done=len(steps),
+        steps=tables,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.errors import StorageError
+from pipeline.errors import StorageError, UsageError
 from pipeline.settings import load_settings
 
 
@@ -33,6 +34,9 @@ class Store(Protocol):
     """What the pipeline needs from a place that holds objects."""
 
     root: str
+
+    def exists(self) -> bool:
+        """Whether the root is there: the folder, or the bucket (a prefix needs no object)."""
 
     def uri(self, key: str) -> str:
         """The absolute location of ``key`` (a path or an ``s3://`` URL)."""
@@ -120,15 +124,30 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+# S3's rules for a bucket's name: 3-63 lowercase letters, digits, dots and hyphens, a letter or digit at
+# either end.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 def open_store(root: str) -> Store:
     """The store for ``root``: ``s3://bucket[/prefix]`` or a local folder."""
-    if root.startswith("s3://"):
-        bucket, _, prefix = root[len("s3://") :].partition("/")
+    if not root.strip():
+        raise UsageError("the root is empty; give a local folder or s3://bucket[/prefix]")
+    scheme, colon, rest = root.partition(":")
+    if colon and scheme.lower() == "s3":
+        if not rest.startswith("//"):
+            raise UsageError(f"root {root!r} is not an S3 URL; write s3://bucket[/prefix]")
+        bucket, _, prefix = rest[2:].partition("/")
         if not bucket:
-            raise StorageError(f"root {root!r} names no bucket; use s3://bucket[/prefix]")
+            raise UsageError(f"root {root!r} names no bucket; write s3://bucket[/prefix]")
+        if scheme != "s3" or not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise UsageError(
+                f"root {root!r}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
+                "digits, dots and hyphens); write s3://bucket[/prefix]"
+            )
         return S3Store(bucket, prefix.strip("/"))
     if "://" in root:
-        raise StorageError(f"root {root!r} is neither a local folder nor an s3:// URL")
+        raise UsageError(f"root {root!r} is neither a local folder nor an s3:// URL")
     return LocalStore(Path(root))
 
 
@@ -138,6 +157,9 @@ class LocalStore:
     def __init__(self, path: Path) -> None:
         self.path = path.expanduser().resolve()
         self.root = str(self.path)
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
 
     def _file(self, key: str) -> Path:
         return self.path / key
@@ -269,6 +291,19 @@ class S3Store:
             region_name=settings.region,
             config=settings.boto_config(),
         )
+
+    def exists(self) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise StorageError(f"cannot reach bucket {self.bucket}: {error}") from error
+        except BotoCoreError as error:
+            raise StorageError(f"cannot reach bucket {self.bucket}: {error}") from error
+        return True
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

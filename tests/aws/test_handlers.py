@@ -13,6 +13,7 @@ import pytest
 from handlers import archive_files, check_data_availability, finish_batch
 from pipeline.lock import LOCK_KEY, lock_holder
 from pipeline.manifest import read_manifest
+from pipeline.report import save_step_error
 from pipeline.storage import open_store
 from tests.aws.conftest import BUCKET, ROOT, executions, lambda_context, put, s3_message
 
@@ -264,3 +265,27 @@ def test_a_step_already_done_is_not_run_again(
     _write_step_reports(execution["name"])
     main(["step", "products", "--root", ROOT, "--manifest", execution["name"]])
     assert "done already" in capsys.readouterr().out
+
+
+def test_a_failed_step_s_own_sentence_is_the_cause_in_the_message(aws: dict[str, Any]) -> None:
+    """On Fargate the task's failure says only that the container exited; the step kept why."""
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (first,) = executions(aws["state_machine"])
+    sentence = "step orders failed: raw/orders/o.csv line 2, column order_id: 'x' is not an integer"
+    save_step_error(open_store(ROOT), first["name"], "orders", sentence)
+    result = finish_batch.lambda_handler(
+        {
+            "root": ROOT,
+            "batch_id": first["name"],
+            "manifest": f"manifests/{first['name']}.json",
+            "status": "FAILED",
+            "error": "States.TaskFailed",
+            "cause": '{"StopCode": "EssentialContainerExited", "Containers": [{"ExitCode": 1}]}',
+        },
+        lambda_context(),
+    )
+    lines = result["message"].splitlines()
+    assert lines[1] == f"Cause: {sentence}"
+    assert "EssentialContainerExited" in lines[2]

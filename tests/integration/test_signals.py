@@ -72,6 +72,6 @@ def test_after_kill_9_the_next_run_on_this_machine_takes_the_lock_over(root: Pat
     store = open_store(str(root))
     assert store.stat(LOCK_KEY) is not None
     notes: list[str] = []
-    report = run_batch(store, progress=notes.append)
+    report = run_batch(store, progress=lambda message, **fields: notes.append(message))
     assert any("took over the lock" in note for note in notes)
     assert report.status == "succeeded" and raw_files(root) == []
