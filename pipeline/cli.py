@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -106,8 +107,46 @@ def log_event(level: str, event: str, message: str, **fields: Any) -> None:
         "elapsed": round(time.monotonic() - STARTED, 3),  # seconds since the command started
         **fields,
     }
-    sys.stderr.write(json.dumps(record, default=str) + "\n")
-    sys.stderr.flush()
+    line = json.dumps(record, default=str) + "\n"
+    with _LOG_LOCK:  # the heartbeat writes from its own thread: one whole line at a time
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+_LOG_LOCK = threading.Lock()
+HEARTBEAT_SECONDS = 30.0  # a JSON log says what a long stage is doing (and its memory) this often
+
+
+def _memory() -> dict[str, float]:
+    """The process's resident memory now and at its peak, in GiB (now: where /proc tells)."""
+    import os
+    import resource
+
+    memory = {}
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/statm") as statm:
+        memory["rss_gib"] = round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30, 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    memory["peak_rss_gib"] = round(peak * (1 if sys.platform == "darwin" else 1024) / 2**30, 2)
+    return memory
+
+
+@contextlib.contextmanager
+def _heartbeat(last: dict[str, str]) -> Iterator[None]:
+    """Every HEARTBEAT_SECONDS, the last thing said and the memory: a task killed for memory has a log
+    that shows it growing."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            log_event("info", "heartbeat", f"working: {last['message']}", **_memory())
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 READING_EVERY = 5.0  # seconds between two "reading" events of a table in a JSON log
@@ -119,8 +158,10 @@ def _working(first: str) -> Iterator[Progress]:
     a line per event when text goes to a pipe, a JSON object per event in a JSON log."""
     if json_logs():
         last_read: dict[str, float] = {}
+        last = {"message": first}
 
         def as_json(message: str, /, **fields: Any) -> None:
+            last["message"] = message
             event = fields.pop("event", "progress")
             if event == "reading":  # one a chunk: a few a table are enough for a log
                 table, now = str(fields.get("table")), time.monotonic()
@@ -133,7 +174,8 @@ def _working(first: str) -> Iterator[Progress]:
             log_event("info", event, message, **fields)
 
         as_json(first, event="started")
-        yield as_json
+        with _heartbeat(last):
+            yield as_json
     elif console.is_terminal:
         from rich.console import Group
         from rich.live import Live

@@ -290,3 +290,17 @@ def test_a_failed_step_keeps_its_sentence_until_it_succeeds(
     orders.write_bytes(good)
     assert run_cli("step", "orders", "--root", str(root), "--manifest", manifest.batch_id) == 0
     assert load_step_errors(store, manifest.batch_id) == {}
+
+
+def test_a_json_log_beats_with_the_memory_while_a_step_works(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("generate", "--root", str(root), "--scale", "0.001", "--seed", "10") == 0
+    monkeypatch.setattr(cli, "HEARTBEAT_SECONDS", 0.01)
+    capsys.readouterr()
+    assert run_cli("--log-format", "json", "run", "--root", str(root)) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    beats = [event for event in events if event["event"] == "heartbeat"]
+    assert beats and all(beat["rss_gib"] > 0 and beat["peak_rss_gib"] > 0 for beat in beats)
+    assert all(beat["message"].startswith("working: ") for beat in beats)
+    assert events[-1]["event"] == "batch_report"
