@@ -300,9 +300,9 @@ class S3Store:
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
                 return False
-            raise StorageError(f"cannot reach bucket {self.bucket}: {error}") from error
+            raise StorageError(f"cannot reach {self.uri('')}: {error}") from error
         except BotoCoreError as error:
-            raise StorageError(f"cannot reach bucket {self.bucket}: {error}") from error
+            raise StorageError(f"cannot reach {self.uri('')}: {error}") from error
         return True
 
     def _key(self, key: str) -> str:

@@ -63,7 +63,7 @@ def _aws_env(endpoint: str) -> dict[str, str]:
 def test_a_stalled_s3_endpoint_fails_in_seconds_with_one_sentence(stalled_endpoint: str) -> None:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--root", "s3://bucket/lake"],
+        [sys.executable, "-m", "pipeline", "--log-format", "text", "run", "--root", "s3://bucket/lake"],
         capture_output=True,
         text=True,
         env=_aws_env(stalled_endpoint),

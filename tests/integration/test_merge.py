@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -373,11 +374,11 @@ def test_an_append_that_another_commit_overtakes_is_not_committed_and_the_merge_
     real_write = delta.write_deltalake
     overtaken = {"n": 0}
 
-    def write_after_the_other_step(table: DeltaTable, data: object, **options: object) -> None:
+    def write_after_the_other_step(table: DeltaTable, data: Any, **options: Any) -> None:
         if options.get("mode") == "append" and not overtaken["n"]:
             overtaken["n"] += 1
             real_write(uri, rows.to_arrow(), mode="append", partition_by=["date"])  # the other step
-        real_write(table, data, **options)  # type: ignore[arg-type]
+        real_write(table, data, **options)
 
     monkeypatch.setattr(delta, "write_deltalake", write_after_the_other_step)
     result = delta.merge_rows(uri, rows, ORDERS, none_stored_at=looked_up)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +73,10 @@ def test_after_kill_9_the_next_run_on_this_machine_takes_the_lock_over(root: Pat
     store = open_store(str(root))
     assert store.stat(LOCK_KEY) is not None
     notes: list[str] = []
-    report = run_batch(store, progress=lambda message, **fields: notes.append(message))
+
+    def record(message: str, /, **fields: Any) -> None:
+        notes.append(message)
+
+    report = run_batch(store, progress=record)
     assert any("took over the lock" in note for note in notes)
     assert report.status == "succeeded" and raw_files(root) == []
