@@ -32,9 +32,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
-_state: dict[str, Any] = {"debug": False, "log_format": "auto", "batch": None, "command": None}
+# One command's options and what its log has learnt (the batch); reset by each ``main``.
+_state: dict[str, Any] = {}
 LOG_FORMATS = ("auto", "text", "json")
-STARTED = time.monotonic()
 
 ROOT_HELP = (
     "Lakehouse root: a local folder or s3://bucket[/prefix] (endpoint and credentials from AWS_* "
@@ -104,7 +104,7 @@ def log_event(level: str, event: str, message: str, **fields: Any) -> None:
         "command": _state["command"],
         "batch": _state["batch"],
         "message": message,
-        "elapsed": round(time.monotonic() - STARTED, 3),  # seconds since the command started
+        "elapsed": round(time.monotonic() - _state["started"], 3),  # seconds since the command started
         **fields,
     }
     line = json.dumps(record, default=str) + "\n"
@@ -730,6 +730,7 @@ def _main(argv: list[str] | None) -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _on_signal)
+    _state.update(debug=False, log_format="auto", batch=None, command=None, started=time.monotonic())
     try:
         code = app(args=argv, standalone_mode=False)
     except LakehouseError as error:
