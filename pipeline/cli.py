@@ -30,8 +30,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-console = Console(stderr=True)
-out = Console()
+# Nothing printed is markup: roots, file names and errors print as they are (``s3://b/[x]``).
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
 # One command's options and what its log has learnt (the batch); reset by each ``main``.
 _state: dict[str, Any] = {}
 LOG_FORMATS = ("auto", "text", "json")
@@ -271,7 +272,7 @@ def generate(
             result = generate_full(store, scale=scale, seed=seed, dirty=not clean, progress=progress)
     for table, rows in result.rows.items():
         out.print(f"{table}: {rows:,} rows")
-    out.print(f"{len(result.files)} files written under {store.uri('raw/')}")
+    out.print(f"{len(result.files)} files written under {store.uri('raw/')}", soft_wrap=True)
 
 
 MEMORY_BUDGET_DEFAULT = "2.75GiB"
@@ -342,7 +343,7 @@ def step(
     if done is not None:
         # A resumed batch runs every step again: a step that committed is not redone (its files may be
         # archived by now).
-        out.print(f"step {table} of batch {batch.batch_id} is done already", highlight=False)
+        out.print(f"step {table} of batch {batch.batch_id} is done already", highlight=False, soft_wrap=True)
         _print_steps([done])
         return
     with _working(f"{table}") as progress:
@@ -530,9 +531,13 @@ def unlock(
     store = _store(root)
     holder = remove_lock(store, force=force)
     if holder is None:
-        out.print(f"{store.root} is not locked", highlight=False)
+        out.print(f"{store.root} is not locked", highlight=False, soft_wrap=True)
         return
-    out.print(f"removed the lock of {store.root} (batch {holder.get('batch', '?')})", highlight=False)
+    out.print(
+        f"removed the lock of {store.root} (batch {holder.get('batch', '?')})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()

@@ -45,7 +45,7 @@ def _only_report(root: Path) -> BatchReport:
 
 def _summary_at(width: int, root: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     buffer = io.StringIO()
-    monkeypatch.setattr(cli, "out", Console(file=buffer, width=width, color_system=None))
+    monkeypatch.setattr(cli, "out", Console(file=buffer, width=width, color_system=None, markup=False))
     cli._print_summary(_only_report(root))
     return buffer.getvalue()
 
@@ -130,6 +130,10 @@ def test_names_are_never_read_as_markup(root: Path, capsys: pytest.CaptureFixtur
     assert "archiving raw/orders/[red]orders.csv" in capsys.readouterr().err
     assert run_cli("--log-format", "text", "run", "--root", f"s3://[bold]{root}") == 1
     assert "'[bold]" in capsys.readouterr().err
+    bracketed = root.parent / "lake[bold]"
+    bracketed.mkdir()
+    assert run_cli("unlock", "--root", str(bracketed)) == 0
+    assert f"{bracketed} is not locked" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
