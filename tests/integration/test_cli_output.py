@@ -243,7 +243,7 @@ def test_a_plain_install_runs_the_cli_and_its_error_paths(tmp_path: Path) -> Non
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     repo = Path(__file__).resolve().parents[2]
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(repo)]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-e", str(repo)]
     subprocess.run(pip, check=True, capture_output=True, timeout=900)
     lakehouse = str(venv / "bin" / "lakehouse")
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "LAKEHOUSE_ROOT")}
