@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("aws_cdk")
 
 from aws_cdk.assertions import Match, Template
+from lakehouse_infra.application import build_app, check_context_keys
 from lakehouse_infra.config import ConfigError, LakehouseConfig
 from lakehouse_infra.sources import DEFINITION, placeholders
 
@@ -489,6 +490,20 @@ def test_queue_policy_lets_only_this_bucket_send(template: Template) -> None:
 def test_bad_context_values_are_named_in_the_error(context: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         LakehouseConfig.from_context(context)
+
+
+def test_an_unknown_context_key_fails_synth_with_the_keys(tmp_path: Any) -> None:
+    """``-c runer=glue`` must not deploy the default runner in silence."""
+    with pytest.raises(
+        ConfigError, match=re.escape("unknown context key runer (did you mean runner?)")
+    ) as raised:
+        build_app({"runer": "glue"}, outdir=str(tmp_path))
+    assert "the keys are: access_log_days, archive_expiry_days" in str(raised.value)
+    # The CDK's own keys pass: feature flags, the toolkit's, cached lookups.
+    check_context_keys(
+        {"@aws-cdk/core:x": True, "aws:cdk:enable-path-metadata": True, "availability-zones:account=1": []},
+        ["runner"],
+    )
 
 
 def test_defaults_deploy_fargate_on_arm64() -> None:
