@@ -685,7 +685,9 @@ def _native_output_aside() -> Callable[[bool], None]:
         sys.stderr.flush()
         os.close(kept)
         size = os.path.getsize(log) if os.path.exists(log) else 0
-        if failed and size:
+        if failed and size and _state and json_logs():
+            log_event("info", "native_output", f"native library output of this run: {log}", path=log)
+        elif failed and size:
             console.print(f"(native library output of this run: {log})", highlight=False, markup=False)
         else:
             with contextlib.suppress(OSError):
