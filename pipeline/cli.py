@@ -183,15 +183,15 @@ def _working(first: str) -> Iterator[Progress]:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
-            Progress,
             TaskProgressColumn,
             TextColumn,
             TimeRemainingColumn,
         )
+        from rich.progress import Progress as Bars
         from rich.spinner import Spinner
 
         status = Spinner("dots", text=Text(first, style="bold"))
-        bars = Progress(
+        bars = Bars(
             TextColumn("  {task.description}", markup=False),
             BarColumn(bar_width=20),
             TaskProgressColumn(),
