@@ -308,3 +308,17 @@ def test_a_json_log_beats_with_the_memory_while_a_step_works(
     assert beats and all(beat["rss_gib"] > 0 and beat["peak_rss_gib"] > 0 for beat in beats)
     assert all(beat["message"].startswith("working: ") for beat in beats)
     assert events[-1]["event"] == "batch_report"
+
+
+def test_a_terminal_shows_a_bar_per_table_read(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("generate", "--root", str(root), "--scale", "0.001", "--seed", "11") == 0
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=80, markup=False, color_system=None)
+    monkeypatch.setattr(cli, "console", terminal)
+    assert run_cli("run", "--root", str(root)) == 0
+    shown = screen.getvalue()
+    for table in ("products", "orders", "order_items"):
+        assert f"  {table} " in shown and "100%" in shown
+    assert " rows" in shown and "kB" in shown
