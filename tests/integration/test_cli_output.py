@@ -254,18 +254,19 @@ def test_a_plain_install_runs_the_cli_and_its_error_paths(tmp_path: Path) -> Non
         )
 
     assert cli_in_venv("--version").returncode == 0
-    for args, code, says in [
-        ((), 2, "Usage: lakehouse"),
-        (("rn",), 2, "No such command 'rn'"),
-        (("run",), 2, "Missing option '--root'"),
-        (("run", "--root", "s3:/bucket"), 1, "is not an S3 URL"),
-        (("run", "--root", "nowhere"), 1, "does not exist"),
-        (("run", "--root", str(tmp_path), "--memory-budget", "lots"), 2, "--memory-budget"),
-        (("query", "SELECT 1", "--root", str(tmp_path), "--format", "xml"), 2, "'xml' is not one of"),
+    for args, codes, says in [
+        # The help of a bare command exits 2 from click 8.2 (typer's own copy too), 0 before (Python 3.9).
+        ((), (0, 2), "Usage: lakehouse"),
+        (("rn",), (2,), "No such command 'rn'"),
+        (("run",), (2,), "Missing option '--root'"),
+        (("run", "--root", "s3:/bucket"), (1,), "is not an S3 URL"),
+        (("run", "--root", "nowhere"), (1,), "does not exist"),
+        (("run", "--root", str(tmp_path), "--memory-budget", "lots"), (2,), "--memory-budget"),
+        (("query", "SELECT 1", "--root", str(tmp_path), "--format", "xml"), (2,), "'xml' is not one of"),
     ]:
         done = cli_in_venv(*args)
         shown = done.stdout + done.stderr
-        assert done.returncode == code and says in shown and "Traceback" not in shown, (args, shown)
+        assert done.returncode in codes and says in shown and "Traceback" not in shown, (args, shown)
     root = tmp_path / "lake"
     assert cli_in_venv("generate", "--root", str(root), "--scale", "0.001").returncode == 0
     done = cli_in_venv("run", "--root", str(root))
