@@ -338,13 +338,14 @@ def run_step(
         rows_per_partition: Counter[Any] = Counter()
         referenced_parts: dict[str, list[pl.Series]] = {fk.column: [] for fk in spec.foreign_keys}
         readable = [(index, source) for index, source in enumerate(sources) if source[2].field_count]
+        total_bytes = sum(source[1].stat().st_size for _, source in readable)
         progress(
             f"{spec.name}: reading {len(readable)} file(s)"
             + (f" into {plan.buckets} buckets of keys" if staging else ""),
             event="step_started",
             table=spec.name,
             files=len(readable),
-            bytes=sum(info.size for info in manifest.files[spec.name]),
+            bytes=total_bytes,
         )
         streams = []
         for index, (name, path, layout) in readable:
@@ -353,7 +354,6 @@ def run_step(
                 read_chunks(path, spec, name, layout, stats=stats[index], expected_digest=digests[index])
             )
         # Chunks of two files interleave; a row's place in the batch is its _order (file, line).
-        total_bytes = sum(source[1].stat().st_size for _, source in readable)
         for stream_index, chunk in prefetched(streams):
             file_index = readable[stream_index][0]
             rows_in += chunk.records.height + chunk.malformed.height

@@ -297,11 +297,10 @@ class S3Store:
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+        except (BotoCoreError, ClientError) as error:
+            code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+            if code in ("404", "NoSuchBucket", "NotFound"):
                 return False
-            raise StorageError(f"cannot reach {self.uri('')}: {error}") from error
-        except BotoCoreError as error:
             raise StorageError(f"cannot reach {self.uri('')}: {error}") from error
         return True
 
