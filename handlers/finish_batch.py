@@ -1,7 +1,8 @@
 """FinishBatch: the state machine's last step, on success and on failure.
 
-Writes the batch's final report, releases the root's batch lock, composes the SNS message and, after
-a success, starts the next batch if files landed meanwhile. Input:
+Writes the batch's final report, notes what the Glue catalog now holds (``pipeline.catalog``),
+releases the root's batch lock, composes the SNS message and, after a success, starts the next batch
+if files landed meanwhile. Input:
 ``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: [{"table", "rows"}],
 "error"?: str, "cause"?: str}``. Environment: as CheckDataAvailability (``LAKEHOUSE_ROOT``,
 ``STATE_MACHINE_ARN``), for starting the next batch.
@@ -16,6 +17,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from handlers.check_data_availability import execution_alive, start_execution
+from pipeline.catalog import forget_catalog, record_catalog
 from pipeline.lock import release_lock
 from pipeline.manifest import read_manifest, record_loaded
 from pipeline.report import BatchReport, load_step_errors, load_step_report, report_key
@@ -51,6 +53,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
         table_counts=_counts(event.get("counts", [])),
     )
     record_loaded(store, manifest, now)
+    record_catalog(store, manifest.batch_id, TABLES)  # its crawls, if it needed any, succeeded
     store.write_bytes(report_key(manifest.batch_id), report.to_json())
     lines = [f"Batch {report.batch_id} succeeded."]
     for step in report.steps:
@@ -64,6 +67,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
 
 def _failure(store: Store, event: dict[str, Any]) -> dict[str, Any]:
     error, cause = event.get("error") or "unknown error", event.get("cause") or "no cause given"
+    forget_catalog(store)  # a crawl or a check may have failed: the next batch crawls again
     # A step's own sentence (a Fargate task's failure only says that its container exited).
     steps = load_step_errors(store, event["batch_id"])
     lines = [f"Batch {event['batch_id']} failed: {error}."]

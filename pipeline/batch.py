@@ -19,6 +19,7 @@ import polars as pl
 
 from pipeline import delta
 from pipeline.archive import archive_batch, restore_batch
+from pipeline.catalog import catalog_name
 from pipeline.dedup import DIGESTS, ORDER, alongside, row_digests, survivor_mask, typed
 from pipeline.errors import (
     BatchLockedError,
@@ -526,7 +527,17 @@ def run_step(
         buckets=plan.buckets,
         groups=plan.groups,
         stages=clock.figures,
+        schemas=_schemas(store, spec.name),
     )
+
+
+def _schemas(store: Store, table: str) -> dict[str, str]:
+    """The catalog names of ``table`` and its rejected table, where they exist, with their schema digests."""
+    digests = {
+        catalog_name(table): delta.schema_digest(table_uri(store, table)),
+        catalog_name(table, rejected=True): delta.schema_digest(rejected_uri(store, table)),
+    }
+    return {name: digest for name, digest in digests.items() if digest is not None}
 
 
 def _plan(

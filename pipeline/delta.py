@@ -5,7 +5,9 @@ Tables are addressed by URI (a local path or ``s3://``); storage options come fr
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -516,6 +518,20 @@ def _scan_for_values(table: DeltaTable, column: str, values: pl.Series) -> pl.La
     partitions = files.filter(may_hold).get_column(where).unique()
     kept = pl.col(partition).is_in(partitions.drop_nulls().implode())
     return lazy.filter(kept | pl.col(partition).is_null() if partitions.null_count() else kept)
+
+
+def schema_digest(uri: str) -> str | None:
+    """What a catalog crawl takes from the table at ``uri`` (its columns, their types and nullability,
+    its partition columns) as a short digest; None when there is no table."""
+    table = open_table(uri)
+    if table is None:
+        return None
+    with _failures("read the schema of", uri):
+        described = {
+            "schema": json.loads(table.schema().to_json()),
+            "partition_by": list(table.metadata().partition_columns),
+        }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def data_file_count(uri: str) -> int:

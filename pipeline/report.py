@@ -32,6 +32,9 @@ class StepReport:
     buckets: int = 1
     groups: int = 1
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    schemas: dict[str, str] = field(default_factory=dict)
+    """The catalog's names of this step's tables (``products``, ``rejected_products``) that exist after it,
+    with a digest of their schemas: whether a crawl is needed (``pipeline.catalog``)."""
 
 
 @dataclass

@@ -16,12 +16,18 @@ from lakehouse_infra.storage import encrypted_bucket
 
 DATABASE = "ecommerce_dwh"
 CRAWLER = "ecommerce-lakehouse-crawler"
+REJECTED_CRAWLER = "ecommerce-lakehouse-rejected-crawler"
 WORKGROUP = "ecommerce-lakehouse"
 LAKEHOUSE_PREFIX = "lakehouse-dwh/"
+REJECTED_PREFIX = "rejected/"
+# rejected/<table>/ and lakehouse-dwh/<table>/ end in the same folder name: the rejected tables' crawler
+# names its tables with this prefix (pipeline.catalog.REJECTED_PREFIX).
+REJECTED_TABLE_PREFIX = "rejected_"
 
 
 class LakehouseCatalog(Construct):
-    """The tables as native Delta tables in ``ecommerce_dwh``, crawled from lakehouse-dwh/."""
+    """The tables as native Delta tables in ``ecommerce_dwh``: the lakehouse's crawled from lakehouse-dwh/,
+    the rejected rows' (``rejected_<table>``) from rejected/, each by its own crawler."""
 
     def __init__(
         self,
@@ -55,9 +61,10 @@ class LakehouseCatalog(Construct):
             self,
             "CrawlerRole",
             assumed_by=iam.ServicePrincipal("glue.amazonaws.com"),
-            description=f"Glue crawler {CRAWLER}: reads lakehouse-dwh/, writes {DATABASE}'s tables",
+            description=f"Glue crawlers {CRAWLER}, {REJECTED_CRAWLER}: read their tables, write {DATABASE}'s",
         )
         bucket.grant_read(self.crawler_role, f"{LAKEHOUSE_PREFIX}*")
+        bucket.grant_read(self.crawler_role, f"{REJECTED_PREFIX}*")
         self.crawler_role.add_to_policy(
             iam.PolicyStatement(
                 sid="CatalogTables",
@@ -93,31 +100,19 @@ class LakehouseCatalog(Construct):
             )
         )
         key.grant_encrypt_decrypt(self.crawler_role)
-        self.crawler = glue.CfnCrawler(
-            self,
+        self.crawler = self._crawler(
             "Crawler",
-            name=CRAWLER,
-            description="Registers the lakehouse's Delta tables (native Delta, no manifests) for Athena",
-            role=self.crawler_role.role_arn,
-            database_name=DATABASE,
-            targets=glue.CfnCrawler.TargetsProperty(
-                # Delta targets, not S3 targets: an S3 crawl would expose superseded Parquet files as rows.
-                delta_targets=[
-                    glue.CfnCrawler.DeltaTargetProperty(
-                        delta_tables=[
-                            f"s3://{bucket.bucket_name}/{LAKEHOUSE_PREFIX}{table}/" for table in self.tables
-                        ],
-                        create_native_delta_table=True,
-                        write_manifest=False,
-                    )
-                ]
-            ),
-            schema_change_policy=glue.CfnCrawler.SchemaChangePolicyProperty(
-                update_behavior="UPDATE_IN_DATABASE", delete_behavior="LOG"
-            ),
-            crawler_security_configuration=self.security_configuration.security_configuration_name,
+            CRAWLER,
+            "Registers the lakehouse's Delta tables (native Delta, no manifests) for Athena",
+            [f"s3://{bucket.bucket_name}/{LAKEHOUSE_PREFIX}{table}/" for table in self.tables],
         )
-        self.crawler.add_resource_dependency(self.database)
+        self.rejected_crawler = self._crawler(
+            "RejectedCrawler",
+            REJECTED_CRAWLER,
+            "Registers the rejected rows' Delta tables as rejected_<table> for Athena",
+            [f"s3://{bucket.bucket_name}/{REJECTED_PREFIX}{table}/" for table in self.tables],
+            table_prefix=REJECTED_TABLE_PREFIX,
+        )
 
         self.results_bucket = encrypted_bucket(
             self,
@@ -160,6 +155,38 @@ class LakehouseCatalog(Construct):
             ),
         )
 
+    def _crawler(
+        self,
+        construct_id: str,
+        name: str,
+        description: str,
+        tables: list[str],
+        table_prefix: str | None = None,
+    ) -> glue.CfnCrawler:
+        crawler = glue.CfnCrawler(
+            self,
+            construct_id,
+            name=name,
+            description=description,
+            role=self.crawler_role.role_arn,
+            database_name=DATABASE,
+            table_prefix=table_prefix,
+            targets=glue.CfnCrawler.TargetsProperty(
+                # Delta targets, not S3 targets: an S3 crawl would expose superseded Parquet files as rows.
+                delta_targets=[
+                    glue.CfnCrawler.DeltaTargetProperty(
+                        delta_tables=tables, create_native_delta_table=True, write_manifest=False
+                    )
+                ]
+            ),
+            schema_change_policy=glue.CfnCrawler.SchemaChangePolicyProperty(
+                update_behavior="UPDATE_IN_DATABASE", delete_behavior="LOG"
+            ),
+            crawler_security_configuration=self.security_configuration.security_configuration_name,
+        )
+        crawler.add_resource_dependency(self.database)
+        return crawler
+
     @staticmethod
     def catalog_arn() -> str:
         return f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:catalog"
@@ -173,8 +200,11 @@ class LakehouseCatalog(Construct):
         return f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:table/{DATABASE}/*"
 
     @property
-    def crawler_arn(self) -> str:
-        return f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:crawler/{CRAWLER}"
+    def crawler_arns(self) -> list[str]:
+        return [
+            f"arn:{Aws.PARTITION}:glue:{Aws.REGION}:{Aws.ACCOUNT_ID}:crawler/{name}"
+            for name in (CRAWLER, REJECTED_CRAWLER)
+        ]
 
     @property
     def workgroup_arn(self) -> str:

@@ -48,6 +48,16 @@ class LakehouseStack(Stack):
             key=key,
             config=config,
         )
+        plan_catalog = HandlerFunction(
+            self,
+            "CatalogChanges",
+            handler="handlers.catalog_changes.lambda_handler",
+            description="Which Glue crawlers a batch needs: those of a table it created or changed",
+            environment={},
+            timeout=Duration.minutes(1),
+            key=key,
+            config=config,
+        )
         finish = HandlerFunction(
             self,
             "FinishBatch",
@@ -63,7 +73,9 @@ class LakehouseStack(Stack):
             "Runner": config.runner,
             "ArchiveFunctionArn": archive.function.function_arn,
             "FinishFunctionArn": finish.function.function_arn,
+            "CatalogFunctionArn": plan_catalog.function.function_arn,
             "CrawlerName": catalog.crawler.ref,
+            "RejectedCrawlerName": catalog.rejected_crawler.ref,
             "GlueDatabase": DATABASE,
             "AthenaWorkGroup": catalog.workgroup.ref,
             "TopicArn": notifications.topic.topic_arn,
@@ -115,6 +127,8 @@ class LakehouseStack(Stack):
         trigger = events.trigger.function
         pipeline.state_machine.grant_start_execution(trigger)
         bucket.grant_read(archive.function)
+        bucket.grant_read(plan_catalog.function, "reports/*")
+        bucket.grant_read(plan_catalog.function, "manifests/*")
         bucket.grant_put(archive.function, "archived/*")
         bucket.grant_delete(archive.function, "raw/*")
         finish.function.add_to_role_policy(
@@ -155,11 +169,12 @@ class LakehouseStack(Stack):
 
         # The state machine: its Lambda, crawler, Athena and SNS states.
         archive.function.grant_invoke(role)
+        plan_catalog.function.grant_invoke(role)
         finish.function.grant_invoke(role)
         notifications.topic.grant_publish(role)
         role.add_to_policy(
             iam.PolicyStatement(
-                sid="Crawl", actions=["glue:GetCrawler", "glue:StartCrawler"], resources=[catalog.crawler_arn]
+                sid="Crawl", actions=["glue:GetCrawler", "glue:StartCrawler"], resources=catalog.crawler_arns
             )
         )
         role.add_to_policy(
@@ -187,6 +202,7 @@ class LakehouseStack(Stack):
             events.dead_letters_alarm,
             events.trigger.errors_alarm,
             archive.errors_alarm,
+            plan_catalog.errors_alarm,
             finish.errors_alarm,
         ]
         for alarm in alarms:

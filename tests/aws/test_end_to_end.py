@@ -50,6 +50,9 @@ REGION = "us-east-1"
 PROJECT = Path(__file__).resolve().parents[2]
 # Lambda functions whose next invocation fails (a test injects a failure by adding a name).
 FAILURES: dict[str, bool] = {}
+# The crawlers started, in order (every StartCrawler call the state machine makes).
+CRAWLS: list[str] = []
+CRAWLER, REJECTED_CRAWLER = "ecommerce-lakehouse-crawler", "ecommerce-lakehouse-rejected-crawler"
 
 
 ORDER_HEADER = b"order_num,order_id,user_id,order_timestamp,total_amount,date\n"
@@ -114,7 +117,7 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     )
     from moto.stepfunctions.parser.asl.component.state.wait.wait_function import wait_function
 
-    from handlers import archive_files, finish_batch
+    from handlers import archive_files, catalog_changes, finish_batch
 
     child_env = {**os.environ, **_aws_environment(endpoint)}
 
@@ -140,6 +143,17 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
         return data
 
     monkeypatch.setattr(FakeCrawler, "as_dict", crawler_dict)
+
+    # A spy, not a change: which crawlers the state machine starts.
+    from moto.glue.models import GlueBackend
+
+    real_start_crawler = GlueBackend.start_crawler
+
+    def start_crawler(self: Any, name: str) -> None:
+        CRAWLS.append(name)
+        real_start_crawler(self, name)
+
+    monkeypatch.setattr(GlueBackend, "start_crawler", start_crawler)
 
     real_run_task = EC2ContainerServiceBackend.run_task
     stderr_of_task: dict[str, str] = {}
@@ -210,7 +224,11 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
         state_task_service_ecs.StateTaskServiceEcs, "_build_sync_resolver", build_sync_resolver
     )
 
-    handlers = {"ArchiveETLFiles": archive_files, "FinishBatch": finish_batch}
+    handlers = {
+        "ArchiveETLFiles": archive_files,
+        "CatalogChanges": catalog_changes,
+        "FinishBatch": finish_batch,
+    }
     failures = FAILURES
 
     def invoke(
@@ -398,7 +416,7 @@ def _deploy(endpoint: str) -> dict[str, Any]:
             Handler="handler.lambda_handler",
             Code={"ZipFile": archive.getvalue()},
         )["FunctionArn"]
-        for name in ("ArchiveETLFiles", "FinishBatch")
+        for name in ("ArchiveETLFiles", "CatalogChanges", "FinishBatch")
     }
     ecs = boto3.client("ecs")
     cluster = ecs.create_cluster(clusterName="lakehouse", capacityProviders=["FARGATE", "FARGATE_SPOT"])[
@@ -419,21 +437,23 @@ def _deploy(endpoint: str) -> dict[str, Any]:
     group = ec2.create_security_group(GroupName="lakehouse", Description="tasks", VpcId=vpc)["GroupId"]
     glue = boto3.client("glue")
     glue.create_database(DatabaseInput={"Name": "ecommerce_dwh"})
-    glue.create_crawler(
-        Name="ecommerce-lakehouse-crawler",
-        Role=role,
-        DatabaseName="ecommerce_dwh",
-        Targets={
-            "DeltaTargets": [
-                {
-                    "DeltaTables": [
-                        f"{ROOT}/lakehouse-dwh/{t}/" for t in ("products", "orders", "order_items")
-                    ],
-                    "CreateNativeDeltaTable": True,
-                }
-            ]
-        },
-    )
+    for name, folder, prefix in ((CRAWLER, "lakehouse-dwh", ""), (REJECTED_CRAWLER, "rejected", "rejected_")):
+        glue.create_crawler(
+            Name=name,
+            Role=role,
+            DatabaseName="ecommerce_dwh",
+            TablePrefix=prefix,
+            Targets={
+                "DeltaTargets": [
+                    {
+                        "DeltaTables": [
+                            f"{ROOT}/{folder}/{t}/" for t in ("products", "orders", "order_items")
+                        ],
+                        "CreateNativeDeltaTable": True,
+                    }
+                ]
+            },
+        )
     boto3.client("athena").create_work_group(Name="ecommerce-lakehouse")
     definition = rendered(
         ClusterArn=cluster,
@@ -442,6 +462,9 @@ def _deploy(endpoint: str) -> dict[str, Any]:
         SubnetB=subnets[1],
         SecurityGroup=group,
         ArchiveFunctionArn=functions["ArchiveETLFiles"],
+        CatalogFunctionArn=functions["CatalogChanges"],
+        CrawlerName=CRAWLER,
+        RejectedCrawlerName=REJECTED_CRAWLER,
         FinishFunctionArn=functions["FinishBatch"],
         TopicArn=topic,
     )
@@ -525,7 +548,8 @@ def test_upload_to_notification_on_fargate(chain: dict[str, Any]) -> None:
     from pipeline.storage import open_store
 
     store = open_store(ROOT)
-    generate(store, scale=0.0005, seed=31)
+    # Clean: the rejected tables are created later, by the batch that first rejects rows.
+    generate(store, scale=0.0005, seed=31, dirty=False)
     assert _deliver_events(chain["queue"]) > 0
     (execution,) = _wait_for_executions(chain["machine"], 1)
     assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
@@ -535,6 +559,36 @@ def test_upload_to_notification_on_fargate(chain: dict[str, Any]) -> None:
     assert f"Batch {execution['name']} succeeded." in message
     assert f"Rows now: products {counts['products']:,}, orders {counts['orders']:,}" in message
     assert _raw_keys() == []
+    # The first batch created the lakehouse tables and rejected nothing: one crawl, of their crawler.
+    assert CRAWLS == [CRAWLER]
+
+
+def test_a_batch_that_changes_no_table_schema_starts_no_crawler(chain: dict[str, Any]) -> None:
+    CRAWLS.clear()
+    _land_day(1)
+    _deliver_events(chain["queue"])
+    execution = _wait_for_executions(chain["machine"], 2)[-1]
+    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    assert "succeeded" in _notifications(chain["inbox"])[0]
+    assert CRAWLS == []
+
+
+def test_a_batch_that_creates_a_rejected_table_crawls_it(chain: dict[str, Any]) -> None:
+    from pipeline import delta
+    from pipeline.batch import rejected_uri
+    from pipeline.storage import open_store
+
+    CRAWLS.clear()
+    _land_day(5, amount=b"lots")  # the order is rejected, and so its item (its order is missing)
+    _deliver_events(chain["queue"])
+    execution = _wait_for_executions(chain["machine"], 3)[-1]
+    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    _notifications(chain["inbox"])
+    store = open_store(ROOT)
+    assert delta.count_rows(rejected_uri(store, "orders")) == 1
+    assert delta.count_rows(rejected_uri(store, "order_items")) == 1
+    # One crawl for both new rejected tables; the lakehouse tables' schemas did not change.
+    assert CRAWLS == [REJECTED_CRAWLER]
 
 
 def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
@@ -548,7 +602,7 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
     before = {t: delta.table_version(table_uri(store, t)) for t in ("products", "orders", "order_items")}
     _land_day(2, amount=b"\xff\xfe")  # the orders file is not UTF-8: its step fails
     _deliver_events(chain["queue"])
-    failed = _wait_for_executions(chain["machine"], 2)[-1]
+    failed = _wait_for_executions(chain["machine"], 4)[-1]
     assert failed["status"] == "FAILED"
     (message,) = _notifications(chain["inbox"])
     assert f"Batch {failed['name']} failed" in message
@@ -561,10 +615,13 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
 
     # The operator fixes the file and abandons the failed batch; the next upload starts a new one.
     store.delete(f"manifests/{failed['name']}.json")
+    CRAWLS.clear()
     _land_day(2)
     _deliver_events(chain["queue"])
-    fixed = _wait_for_executions(chain["machine"], 3)[-1]
+    fixed = _wait_for_executions(chain["machine"], 5)[-1]
     assert fixed["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    # After a failed batch the catalog may be behind (a crawl or a check may have failed): all crawl.
+    assert sorted(CRAWLS) == [CRAWLER, REJECTED_CRAWLER]
     assert "succeeded" in _notifications(chain["inbox"])[0]
     assert _raw_keys() == []
     orders = delta.scan(table_uri(store, "orders"))
@@ -577,7 +634,7 @@ def test_a_failed_archive_is_notified_and_the_next_event_resumes_the_batch(chain
     FAILURES["ArchiveETLFiles"] = True
     _land_day(3)
     _deliver_events(chain["queue"])
-    failed = _wait_for_executions(chain["machine"], 4)[-1]
+    failed = _wait_for_executions(chain["machine"], 6)[-1]
     assert failed["status"] == "FAILED"
     (message,) = _notifications(chain["inbox"])
     assert "injected failure of ArchiveETLFiles" in message
@@ -591,7 +648,7 @@ def test_a_failed_archive_is_notified_and_the_next_event_resumes_the_batch(chain
         MetadataDirective="REPLACE",
     )
     _deliver_events(chain["queue"])
-    resumed = _wait_for_executions(chain["machine"], 5)[-1]
+    resumed = _wait_for_executions(chain["machine"], 7)[-1]
     assert resumed["name"].startswith(failed["name"] + "-")
     assert resumed["status"] == "SUCCEEDED", _notifications(chain["inbox"])
     assert _raw_keys() == []

@@ -289,3 +289,68 @@ def test_a_failed_step_s_own_sentence_is_the_cause_in_the_message(aws: dict[str,
     lines = result["message"].splitlines()
     assert lines[1] == f"Cause: {sentence}"
     assert "EssentialContainerExited" in lines[2]
+
+
+def _plan_catalog(batch_id: str) -> dict[str, Any]:
+    from handlers import catalog_changes
+
+    crawlers = {"lakehouse": "lake-crawler", "rejected": "rejected-crawler"}
+    return dict(
+        catalog_changes.lambda_handler(
+            {"root": ROOT, "batch_id": batch_id, "crawlers": crawlers}, lambda_context()
+        )
+    )
+
+
+def _report_schemas(batch_id: str, schemas: dict[str, dict[str, str]]) -> None:
+    from pipeline.report import StepReport, save_step_report
+
+    store = open_store(ROOT)
+    for table, digests in schemas.items():
+        step = StepReport(table, 1, 1, 1, 0, 0, 0, {}, 0, None, 0.1, schemas=digests)
+        save_step_report(store, batch_id, step)
+
+
+def test_crawlers_run_for_new_or_changed_tables_only(aws: dict[str, Any]) -> None:
+    from pipeline.catalog import record_catalog
+
+    store = open_store(ROOT)
+    tables = ("products", "orders", "order_items")
+    first = {"products": {"products": "a"}, "orders": {"orders": "b"}, "order_items": {"order_items": "c"}}
+    _report_schemas("b1", first)
+    assert _plan_catalog("b1") == {
+        "changed": ["order_items", "orders", "products"],
+        "crawlers": ["lake-crawler"],
+    }
+    record_catalog(store, "b1", tables)  # FinishBatch, once the batch succeeded
+
+    _report_schemas("b2", first)
+    assert _plan_catalog("b2") == {"changed": [], "crawlers": []}
+
+    # The first rejected rows of orders create rejected_orders: only the rejected tables' crawler runs.
+    _report_schemas("b3", {**first, "orders": {"orders": "b", "rejected_orders": "r"}})
+    assert _plan_catalog("b3") == {"changed": ["rejected_orders"], "crawlers": ["rejected-crawler"]}
+    record_catalog(store, "b3", tables)
+
+    # A schema change of a lakehouse table and a new rejected table: both crawl.
+    _report_schemas("b4", {**first, "products": {"products": "a2", "rejected_products": "s"}})
+    assert _plan_catalog("b4") == {
+        "changed": ["products", "rejected_products"],
+        "crawlers": ["lake-crawler", "rejected-crawler"],
+    }
+
+
+def test_a_failed_batch_makes_the_next_one_crawl_everything(aws: dict[str, Any]) -> None:
+    from pipeline.catalog import record_catalog
+
+    store = open_store(ROOT)
+    schemas = {"products": {"products": "a", "rejected_products": "r"}, "orders": {"orders": "b"}}
+    _report_schemas("b1", schemas)
+    record_catalog(store, "b1", schemas)
+    _report_schemas("b2", schemas)
+    assert _plan_catalog("b2")["crawlers"] == []
+    finish_batch.lambda_handler(
+        {"root": ROOT, "batch_id": "b2", "manifest": "manifests/b2.json", "status": "FAILED"},
+        lambda_context(),
+    )
+    assert _plan_catalog("b2")["crawlers"] == ["lake-crawler", "rejected-crawler"]

@@ -171,7 +171,7 @@ def test_handlers_run_on_arm64_python_312_with_tracing_and_point_at_real_functio
         for logical_id, function in resources(template, "AWS::Lambda::Function").items()
         if function["Properties"].get("Handler", "").startswith("handlers.")
     }
-    assert len(ours) == 3
+    assert len(ours) == 4
     for function in ours.values():
         props = function["Properties"]
         assert props["Runtime"] == "python3.12"
@@ -302,19 +302,55 @@ def test_glue_runner_has_the_three_python_shell_jobs_with_the_projects_wheel(glu
 # --- catalog, Athena, SNS --------------------------------------------------------------------------
 
 
-def test_crawler_registers_native_delta_tables_of_every_step(template: Template) -> None:
+def test_crawlers_register_native_delta_tables_of_every_step_and_its_rejected_rows(
+    template: Template,
+) -> None:
     only(template, "AWS::Glue::Database", {"DatabaseInput": {"Name": "ecommerce_dwh"}})
-    _, crawler = only(template, "AWS::Glue::Crawler")
-    props = crawler["Properties"]
-    assert props["Name"] == "ecommerce-lakehouse-crawler"
-    assert props["DatabaseName"] == "ecommerce_dwh"
-    assert "S3Targets" not in props["Targets"]
-    (target,) = props["Targets"]["DeltaTargets"]
-    assert target["CreateNativeDeltaTable"] is True
-    paths = json.dumps(target["DeltaTables"])
-    for table in ("products", "orders", "order_items"):
-        assert f"/lakehouse-dwh/{table}/" in paths
-    assert "CrawlerSecurityConfiguration" in props
+    crawlers = {
+        c["Properties"]["Name"]: c["Properties"] for c in resources(template, "AWS::Glue::Crawler").values()
+    }
+    assert sorted(crawlers) == ["ecommerce-lakehouse-crawler", "ecommerce-lakehouse-rejected-crawler"]
+    for name, folder, prefix in (
+        ("ecommerce-lakehouse-crawler", "lakehouse-dwh", None),
+        # rejected/<table>/ ends in the same folder name as its table: the prefix tells them apart.
+        ("ecommerce-lakehouse-rejected-crawler", "rejected", "rejected_"),
+    ):
+        props = crawlers[name]
+        assert props["DatabaseName"] == "ecommerce_dwh"
+        assert props.get("TablePrefix") == prefix
+        assert "S3Targets" not in props["Targets"]
+        (target,) = props["Targets"]["DeltaTargets"]
+        assert target["CreateNativeDeltaTable"] is True
+        paths = json.dumps(target["DeltaTables"])
+        for table in ("products", "orders", "order_items"):
+            assert f"/{folder}/{table}/" in paths
+        assert "CrawlerSecurityConfiguration" in props
+
+
+def test_the_state_machine_knows_both_crawlers_and_the_catalog_function(template: Template) -> None:
+    substitutions = only(template, "AWS::StepFunctions::StateMachine")[1]["Properties"][
+        "DefinitionSubstitutions"
+    ]
+    crawler_ids = {
+        c["Properties"]["Name"]: logical_id
+        for logical_id, c in resources(template, "AWS::Glue::Crawler").items()
+    }
+    assert substitutions["CrawlerName"] == {"Ref": crawler_ids["ecommerce-lakehouse-crawler"]}
+    assert substitutions["RejectedCrawlerName"] == {
+        "Ref": crawler_ids["ecommerce-lakehouse-rejected-crawler"]
+    }
+    function_id = substitutions["CatalogFunctionArn"]["Fn::GetAtt"][0]
+    function = resources(template, "AWS::Lambda::Function")[function_id]
+    assert function["Properties"]["Handler"] == "handlers.catalog_changes.lambda_handler"
+    statements = [
+        statement
+        for policy in resources(template, "AWS::IAM::Policy").values()
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        if "glue:StartCrawler" in json.dumps(statement["Action"])
+    ]
+    (crawl,) = statements
+    for name in crawler_ids:
+        assert f"crawler/{name}" in json.dumps(crawl["Resource"])
 
 
 def test_athena_workgroup_enforces_encrypted_results_in_its_own_bucket(template: Template) -> None:
@@ -509,3 +545,46 @@ def test_an_unknown_context_key_fails_synth_with_the_keys(tmp_path: Any) -> None
 def test_defaults_deploy_fargate_on_arm64() -> None:
     config = LakehouseConfig.from_context({})
     assert (config.runner, config.fargate_architecture, config.fargate_spot) == ("fargate", "arm64", False)
+
+
+def _layer_versions(template: Template) -> set[str]:
+    """The version (the ARN's last field) of every Powertools layer the handlers use."""
+    versions = set()
+    for function in resources(template, "AWS::Lambda::Function").values():
+        for layer in function["Properties"].get("Layers", []):
+            found = re.search(r"AWSLambdaPowertoolsPythonV3-python312-arm64:(\d+)", json.dumps(layer))
+            if found:
+                versions.add(found.group(1))
+    return versions
+
+
+def test_the_handlers_layer_is_the_one_of_the_powertools_release_pyproject_pins(
+    template: Template,
+) -> None:
+    from lakehouse_infra.powertools import LAYER_VERSIONS, pinned_release
+
+    assert _layer_versions(template) == {str(LAYER_VERSIONS[pinned_release()])}
+
+
+def test_the_tests_run_the_powertools_release_the_layer_holds() -> None:
+    from importlib.metadata import version
+
+    from lakehouse_infra.powertools import pinned_release
+
+    assert version("aws-lambda-powertools") == pinned_release()
+
+
+def test_the_powertools_layer_version_context_key_overrides_the_pinned_layer(tmp_path: Any) -> None:
+    from tests.infra.conftest import synthesize
+
+    stack = synthesize(tmp_path, powertools_layer_version="30")
+    assert _layer_versions(Template.from_stack(stack)) == {"30"}
+
+
+def test_a_powertools_release_without_a_known_layer_fails_with_the_known_ones() -> None:
+    from lakehouse_infra.powertools import layer_version
+
+    with pytest.raises(
+        ConfigError, match=re.escape("no known AWSLambdaPowertoolsPythonV3-python312-arm64 layer")
+    ):
+        layer_version("3.99.0")

@@ -171,6 +171,31 @@ def test_next_day_batch_inserts_updates_and_replays_idempotently(root: Path) -> 
     assert all(s.unchanged == s.rows_in for s in replay.steps)
 
 
+def test_steps_report_their_tables_schemas_for_the_catalog(root: Path) -> None:
+    store = open_store(str(root))
+    generate(store, scale=0.002, seed=5, dirty=False)
+    first = {s.table: s.schemas for s in run_batch(store).steps}
+    # Only tables that exist: a clean batch creates no rejected table.
+    assert {table: sorted(digests) for table, digests in first.items()} == {t: [t] for t in TABLES}
+    generate_next_day(store, scale=0.002, seed=5, dirty=True)
+    day = {s.table: s.schemas for s in run_batch(store).steps}
+    for table in TABLES:
+        assert day[table][table] == first[table][table]  # the same schema: the same digest
+        assert f"rejected_{table}" in day[table]
+    # The digest follows the schema: the same rows and partitions with one column's type changed.
+    products = delta.scan(table_uri(store, "products"))
+    assert products is not None
+    rows = products.collect()
+    for name, frame in (
+        ("same", rows),
+        ("other", rows.with_columns(pl.col("product_id").cast(pl.Int64))),
+    ):
+        delta.write_deltalake(str(root / name), frame.to_arrow(), partition_by=["department_id"])
+    assert delta.schema_digest(str(root / "same")) == day["products"]["products"]
+    assert delta.schema_digest(str(root / "other")) != day["products"]["products"]
+    assert delta.schema_digest(str(root / "none")) is None
+
+
 def test_missing_dataset_processes_nothing(root: Path) -> None:
     write_raw(root, "products", "p.csv", "5,2,Books,Novel")
     write_raw(root, "order_items", "i.csv", "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01")

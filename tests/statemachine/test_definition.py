@@ -25,7 +25,9 @@ PLACEHOLDERS = {
     "CapacityProvider": "FARGATE",
     "ArchiveFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:ArchiveETLFiles",
     "FinishFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:FinishBatch",
+    "CatalogFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:CatalogChanges",
     "CrawlerName": "ecommerce-lakehouse-crawler",
+    "RejectedCrawlerName": "ecommerce-lakehouse-rejected-crawler",
     "GlueDatabase": "ecommerce_dwh",
     "AthenaWorkGroup": "ecommerce-lakehouse",
     "TopicArn": "arn:aws:sns:us-east-1:123456789012:ecommerce-etl-notifications",
@@ -114,3 +116,20 @@ def test_athena_is_polled_not_run_with_sync() -> None:
     assert not any(
         str(resource).startswith("arn:aws:states:::athena:startQueryExecution.sync") for resource in resources
     )
+
+
+def test_crawlers_run_only_as_the_catalog_changes_say() -> None:
+    top = json.loads(rendered())["States"]
+    assert top["ArchiveFiles"]["Next"] == "PlanCatalog"
+    plan, crawl = top["PlanCatalog"], top["Crawl"]
+    assert plan["Parameters"]["Payload"]["crawlers"] == {
+        "lakehouse": "ecommerce-lakehouse-crawler",
+        "rejected": "ecommerce-lakehouse-rejected-crawler",
+    }
+    assert plan["ResultPath"] == "$.catalog" and plan["Next"] == "Crawl"
+    # No crawler to run: the Map has no item and the batch goes straight on to the checks.
+    assert crawl["Type"] == "Map" and crawl["ItemsPath"] == "$.catalog.crawlers"
+    assert crawl["Next"] == "CheckTables"
+    inner = crawl["ItemProcessor"]["States"]
+    assert inner["StartCrawler"]["Parameters"] == {"Name.$": "$.name"}
+    assert inner["CrawlFailed"]["Type"] == "Fail"
