@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from pipeline.batch import table_uri
 from pipeline.manifest import new_batch_id, snapshot
@@ -17,7 +18,8 @@ from pipeline.storage import open_store
 from tests.helpers import write_raw
 
 PROJECT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(PROJECT / "containers"))
+CONTAINERS = PROJECT / "containers"
+sys.path.insert(0, str(CONTAINERS))
 from glue_entry import step_arguments  # noqa: E402
 
 
@@ -28,15 +30,61 @@ def _project_dependencies() -> list[Requirement]:
     return [Requirement(line) for line in lines if line and not line.startswith("#")]
 
 
+def _entries(path: Path) -> list[tuple[Requirement, list[str]]]:
+    """Each requirement of a pip requirements file, with its ``--hash`` values (continuations joined)."""
+    entries = []
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, *options = line.split(" --hash=")
+        entries.append((Requirement(spec.strip()), [option.strip() for option in options]))
+    return entries
+
+
+def _pinned(requirement: Requirement) -> str:
+    (specifier,) = requirement.specifier
+    assert specifier.operator == "==", f"{requirement} is not pinned with =="
+    return specifier.version
+
+
+def _lock() -> dict[str, str]:
+    return {canonicalize_name(req.name): _pinned(req) for req, _ in _entries(CONTAINERS / "requirements.txt")}
+
+
 def test_the_image_pins_every_dependency_within_the_project_ranges() -> None:
-    pins = {}
-    for line in (PROJECT / "containers" / "requirements.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[name.strip()] = version.strip()
+    pins = _lock()
     for requirement in _project_dependencies():
-        assert requirement.name in pins, f"{requirement.name} is not pinned in containers/requirements.txt"
-        assert requirement.specifier.contains(pins[requirement.name]), requirement
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not in the lock containers/requirements.txt"
+        assert requirement.specifier.contains(pins[name]), (requirement, pins[name])
+
+
+def test_every_package_of_the_lock_is_pinned_with_its_hashes() -> None:
+    entries = _entries(CONTAINERS / "requirements.txt")
+    assert entries
+    for requirement, hashes in entries:
+        _pinned(requirement)
+        assert hashes, f"{requirement} has no --hash"
+        assert all(value.startswith("sha256:") and len(value) == len("sha256:") + 64 for value in hashes), (
+            requirement
+        )
+
+
+def test_the_lock_holds_each_input_at_its_version() -> None:
+    pins = _lock()
+    for requirement, _ in _entries(CONTAINERS / "requirements.in"):
+        name = canonicalize_name(requirement.name)
+        assert pins.get(name) == _pinned(requirement), (
+            f"containers/requirements.in has {requirement}, the lock {name}=={pins.get(name)}: "
+            "regenerate the lock (the command is at the top of requirements.in)"
+        )
+
+
+def test_the_image_installs_the_lock_alone_and_checks_its_hashes() -> None:
+    dockerfile = (CONTAINERS / "Dockerfile").read_text()
+    assert "COPY containers/requirements.txt ./requirements.txt" in dockerfile
+    assert "--require-hashes --no-deps --only-binary=:all: -r requirements.txt" in dockerfile
 
 
 def test_glue_arguments_keep_ours_and_ignore_glues_own() -> None:
