@@ -52,8 +52,9 @@ class LakehouseConfig:
     athena_results_days: int = 30
     log_retention_days: int = 90
     batch_timeout_hours: int = 6
-    powertools_layer_version: int = 27
-    """Version of AWS's public Powertools for AWS Lambda (Python) v3 layer used by the handlers."""
+    powertools_layer_version: int = 0
+    """Override of the version of AWS's public Powertools v3 layer; 0 (the default) takes the layer of
+    the release pyproject.toml pins (lakehouse_infra/powertools.py), the one the handlers' tests run."""
 
     @classmethod
     def from_context(cls, context: dict[str, Any]) -> LakehouseConfig:

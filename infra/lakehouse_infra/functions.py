@@ -9,6 +9,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
+from lakehouse_infra import powertools as powertools_layer
 from lakehouse_infra.config import LakehouseConfig
 from lakehouse_infra.log_groups import log_group
 from lakehouse_infra.sources import LAMBDA_ASSET_EXCLUDES, PROJECT_ROOT
@@ -34,12 +35,14 @@ class HandlerFunction(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         self.log_group = log_group(self, "Logs", key=key, config=config)
-        # The Powertools layer AWS publishes in every region (no build step, no Docker for synth).
+        # The Powertools layer AWS publishes in every region (no build step, no Docker for synth): the
+        # one holding the release pyproject.toml pins, unless the context overrides its version.
         powertools = lambda_.LayerVersion.from_layer_version_arn(
             self,
             "Powertools",
-            f"arn:{Aws.PARTITION}:lambda:{Aws.REGION}:017000801446:layer:"
-            f"AWSLambdaPowertoolsPythonV3-python312-arm64:{config.powertools_layer_version}",
+            f"arn:{Aws.PARTITION}:lambda:{Aws.REGION}:{powertools_layer.LAYER_ACCOUNT}:layer:"
+            f"{powertools_layer.LAYER_NAME}:"
+            f"{config.powertools_layer_version or powertools_layer.layer_version()}",
         )
         # Its own role writing only to its own log group (instead of AWSLambdaBasicExecutionRole's
         # logs actions on every log group).
