@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -588,3 +589,12 @@ def test_a_powertools_release_without_a_known_layer_fails_with_the_known_ones() 
         ConfigError, match=re.escape("no known AWSLambdaPowertoolsPythonV3-python312-arm64 layer")
     ):
         layer_version("3.99.0")
+
+
+def test_the_cdk_toolkit_version_is_written_once_in_infra_package_json() -> None:
+    root = Path(__file__).resolve().parents[2]
+    package = json.loads((root / "infra" / "package.json").read_text())
+    lock = json.loads((root / "infra" / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/aws-cdk"]["version"] == package["devDependencies"]["aws-cdk"]
+    for path in [root / ".ci" / "run", *sorted((root / ".github" / "workflows").glob("*.yml"))]:
+        assert "aws-cdk@" not in path.read_text(), f"{path.name} installs its own CDK toolkit version"
