@@ -3,24 +3,29 @@
 Writes the batch's final report, notes what the Glue catalog now holds (``pipeline.catalog``),
 releases the root's batch lock, composes the SNS message and, after a success, starts the next batch
 if files landed meanwhile. Input:
-``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: [{"table", "rows"}],
-"error"?: str, "cause"?: str}``. Environment: as CheckDataAvailability (``LAKEHOUSE_ROOT``,
-``STATE_MACHINE_ARN``), for starting the next batch.
+``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: [{"table", "rows",
+"statistics"?}], "crawled"?: [crawler names], "execution"?: ARN, "error"?: str, "cause"?: str}``.
+Environment: as CheckDataAvailability (``LAKEHOUSE_ROOT``, ``STATE_MACHINE_ARN``), for starting the
+next batch, and ``LAKEHOUSE_TASK_SIZE`` (JSON of ``pipeline.costs.TaskSize``), for the cost estimate.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import datetime, timezone
 from typing import Any
 
+import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from handlers.check_data_availability import execution_alive, start_execution
 from pipeline.catalog import forget_catalog, record_catalog
+from pipeline.costs import CostEstimate, TaskSize, cost_line, estimate, local_transitions
 from pipeline.lock import release_lock
 from pipeline.manifest import read_manifest, record_loaded
-from pipeline.report import BatchReport, load_step_errors, load_step_report, report_key
+from pipeline.report import BatchReport, StepReport, load_step_errors, load_step_report, report_key
 from pipeline.specs import TABLES
 from pipeline.storage import Store, open_store
 from pipeline.trigger import start_ready_batch
@@ -33,6 +38,39 @@ def _counts(counts: list[dict[str, Any]] | dict[str, Any]) -> dict[str, int]:
     if isinstance(counts, dict):
         return {table: int(rows) for table, rows in counts.items()}
     return {entry["table"]: int(entry["rows"]) for entry in counts}
+
+
+def _transitions(execution: str) -> int:
+    """The state transitions of the execution so far, and the one left (the SNS notification)."""
+    pages = boto3.client("stepfunctions").get_paginator("get_execution_history")
+    entered = sum(
+        event["type"].endswith("StateEntered")
+        for page in pages.paginate(executionArn=execution)
+        for event in page["events"]
+    )
+    return entered + 1
+
+
+def _cost(event: dict[str, Any], steps: list[StepReport], sizes: list[int]) -> CostEstimate:
+    counts = event.get("counts") or []
+    crawls = len(event.get("crawled") or [])
+    execution = event.get("execution")
+    return estimate(
+        steps,
+        raw_files=len(sizes),
+        raw_bytes=sum(sizes),
+        crawls=crawls,
+        transitions=_transitions(execution)
+        if execution
+        else local_transitions(len(steps), crawls, len(counts)),
+        athena_bytes=[
+            int((entry.get("statistics") or {}).get("DataScannedInBytes") or 0)
+            for entry in counts
+            if isinstance(entry, dict)
+        ],
+        task=TaskSize(**json.loads(os.environ.get("LAKEHOUSE_TASK_SIZE") or "{}")),
+        basis="estimate from this execution" if execution else "estimate",
+    )
 
 
 def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -52,6 +90,8 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
         archived_files=sum(len(entries) for entries in manifest.files.values()),
         table_counts=_counts(event.get("counts", [])),
     )
+    sizes = [entry.size for entries in manifest.files.values() for entry in entries]
+    report.cost = _cost(event, report.steps, sizes).to_dict()
     record_loaded(store, manifest, now)
     record_catalog(store, manifest.batch_id, TABLES)  # its crawls, if it needed any, succeeded
     store.write_bytes(report_key(manifest.batch_id), report.to_json())
@@ -62,6 +102,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
             f"{step.rejected:,} rejected"
         )
     lines.append("Rows now: " + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items()))
+    lines.append(f"Cost on AWS: {cost_line(report.cost)}")
     return {"subject": f"Lakehouse batch {report.batch_id} succeeded", "message": "\n".join(lines)}
 
 

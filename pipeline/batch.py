@@ -20,6 +20,7 @@ import polars as pl
 from pipeline import delta
 from pipeline.archive import archive_batch, restore_batch
 from pipeline.catalog import catalog_name
+from pipeline.costs import local_estimate
 from pipeline.dedup import DIGESTS, ORDER, alongside, row_digests, survivor_mask, typed
 from pipeline.errors import (
     BatchLockedError,
@@ -295,6 +296,8 @@ def run_step(
     """
     started = time.monotonic()
     clock = StageClock()
+    # Where the tables stood: what this step's commits did is priced in the batch's cost estimate.
+    states_before = [delta.table_state(uri) for uri in _step_uris(store, spec.name)]
     remove_stale_downloads()  # every step, staged or not: a killed run's folders go with the next one
     batch_id = manifest.batch_id
     typed_columns = [typed(name) for name in spec.column_names]
@@ -507,6 +510,10 @@ def run_step(
         clock.mark("write")
     inserted = merged.inserted if merged else 0
     updated = merged.updated if merged else 0
+    table_changes, rejected_changes = (
+        delta.changes_since(uri, state) for uri, state in zip(_step_uris(store, spec.name), states_before)
+    )
+    changes = (table_changes, rejected_changes)
     return StepReport(
         table=spec.name,
         files=len(manifest.files[spec.name]),
@@ -527,15 +534,23 @@ def run_step(
         buckets=plan.buckets,
         groups=plan.groups,
         stages=clock.figures,
-        schemas=_schemas(store, spec.name),
+        commits=sum(change.commits for change in changes),
+        files_added=sum(change.files_added for change in changes),
+        files_read=sum(change.files_removed for change in changes),
+        schemas=_schemas(spec.name, table_changes, rejected_changes),
     )
 
 
-def _schemas(store: Store, table: str) -> dict[str, str]:
+def _step_uris(store: Store, table: str) -> tuple[str, str]:
+    """The Delta tables a step of ``table`` commits to: the table and its rejected rows."""
+    return table_uri(store, table), rejected_uri(store, table)
+
+
+def _schemas(table: str, changes: delta.TableChanges, rejected: delta.TableChanges) -> dict[str, str]:
     """The catalog names of ``table`` and its rejected table, where they exist, with their schema digests."""
     digests = {
-        catalog_name(table): delta.schema_digest(table_uri(store, table)),
-        catalog_name(table, rejected=True): delta.schema_digest(rejected_uri(store, table)),
+        catalog_name(table): changes.schema_digest,
+        catalog_name(table, rejected=True): rejected.schema_digest,
     }
     return {name: digest for name, digest in digests.items() if digest is not None}
 
@@ -915,6 +930,9 @@ def run_batch(
             archived_files=archived,
             table_counts=counts,
             notes=notes,
+            cost=local_estimate(
+                steps, [entry.size for entries in manifest.files.values() for entry in entries], len(counts)
+            ).to_dict(),
         )
         store.write_bytes(report_key(manifest.batch_id), batch_report.to_json())
         return batch_report

@@ -442,6 +442,57 @@ def status(
 
 
 @app.command()
+def cost(
+    root: str = _root_option(),
+    batch: Optional[str] = typer.Option(
+        None, "--batch", help="A finished batch's id (default: the last one)."
+    ),
+    runner: str = typer.Option("fargate", "--runner", help="fargate or glue."),
+    cpu: int = typer.Option(2048, "--cpu", min=256, help="Fargate vCPU units (1024 = 1 vCPU)."),
+    memory: int = typer.Option(8192, "--memory", min=512, help="Fargate memory in MiB."),
+    disk: int = typer.Option(21, "--disk", min=20, help="Fargate ephemeral storage in GiB."),
+    architecture: str = typer.Option("arm64", "--architecture", help="arm64 or x86_64."),
+    spot: bool = typer.Option(False, "--spot", help="Fargate Spot."),
+    glue_dpu: float = typer.Option(
+        1.0, "--glue-dpu", help="DPU of the Glue Python-shell jobs (0.0625 or 1)."
+    ),
+    crawls: int = typer.Option(
+        0, "--crawls", min=0, help="Crawls to count in (a batch that creates or changes a table runs 1 or 2)."
+    ),
+) -> None:
+    """What a finished batch would cost on AWS at another task size: its measured step seconds, priced."""
+    from pipeline.costs import TaskSize, cost_line, glue_spark_cost, repriced
+    from pipeline.errors import UsageError
+    from pipeline.report import batch_history, load_report
+
+    if runner not in ("fargate", "glue"):
+        raise UsageError(f"--runner must be fargate or glue, not {runner!r}")
+    if architecture not in ("arm64", "x86_64"):
+        raise UsageError(f"--architecture must be arm64 or x86_64, not {architecture!r}")
+    store = _store(root)
+    if batch is None:
+        finished = [line for line in batch_history(store, 1_000) if line.status != "unfinished"]
+        if not finished:
+            raise UsageError(f"no batch has finished under {root} yet")
+        batch = finished[0].batch_id
+    report = load_report(store, batch)
+    if report is None:
+        raise UsageError(f"batch {batch} has no report under {root} (unfinished, or no such batch)")
+    if "raw_bytes" not in report.cost.get("usage", {}):
+        raise UsageError(f"batch {batch}'s report holds no cost figures (written by an older version)")
+    task = TaskSize(runner, cpu / 1024, memory / 1024, disk, architecture, spot, glue_dpu)
+    estimate = repriced(report.steps, report.cost, task, crawls)
+    out.print(f"batch {batch}: {cost_line(estimate.to_dict())}", highlight=False, markup=False)
+    floor, typical = glue_spark_cost(dpu=2, job_seconds=60), glue_spark_cost()
+    out.print(
+        f"the original design on Glue Spark, a crawl every batch: ${floor:.4f} at its least (3 jobs of "
+        f"2 DPU for a minute), ${typical:.4f} at its default 10 DPU for 2 minutes a job",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command()
 def maintain(
     root: str = _root_option(),
     retention_hours: int = typer.Option(
@@ -632,6 +683,10 @@ def _print_summary(report: BatchReport) -> None:
     for note in report.notes:
         out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     out.print(_batch_line(report), highlight=False, markup=False)
+    if report.cost:
+        from pipeline.costs import cost_line
+
+        out.print(f"cost on AWS: {cost_line(report.cost)}", highlight=False, markup=False)
 
 
 def _batch_line(report: BatchReport) -> str:

@@ -524,14 +524,61 @@ def schema_digest(uri: str) -> str | None:
     """What a catalog crawl takes from the table at ``uri`` (its columns, their types and nullability,
     its partition columns) as a short digest; None when there is no table."""
     table = open_table(uri)
-    if table is None:
-        return None
+    return None if table is None else _schema_digest(table, uri)
+
+
+def _schema_digest(table: DeltaTable, uri: str) -> str:
     with _failures("read the schema of", uri):
         described = {
             "schema": json.loads(table.schema().to_json()),
             "partition_by": list(table.metadata().partition_columns),
         }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TableState:
+    """A table's version and data files at one moment (version None: no table)."""
+
+    version: int | None
+    files: frozenset[str]
+
+
+def table_state(uri: str) -> TableState:
+    """The version and the data files of the table at ``uri`` now."""
+    table = open_table(uri)
+    if table is None:
+        return TableState(None, frozenset())
+    with _failures("read the log of", uri):
+        return TableState(table.version(), frozenset(table.file_uris()))
+
+
+@dataclass(frozen=True)
+class TableChanges:
+    """What the commits since a ``TableState`` did, and the table's schema now."""
+
+    commits: int
+    files_added: int
+    files_removed: int
+    schema_digest: str | None
+
+
+def changes_since(uri: str, before: TableState) -> TableChanges:
+    """The commits to the table at ``uri`` since ``before``, the data files they added and removed (a
+    MERGE read each file it removed), and the table's schema digest now.
+
+    From the two snapshots, not from the commits' metrics: ``DeltaTable.history`` keeps the GIL while
+    it lists the log (an in-process S3 server then cannot answer it).
+    """
+    table = open_table(uri)
+    if table is None:
+        return TableChanges(0, 0, 0, None)
+    with _failures("read the log of", uri):
+        files = frozenset(table.file_uris())
+    commits = table.version() - (-1 if before.version is None else before.version)
+    return TableChanges(
+        commits, len(files - before.files), len(before.files - files), _schema_digest(table, uri)
+    )
 
 
 def data_file_count(uri: str) -> int:

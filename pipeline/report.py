@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from pipeline.manifest import REPORTS
 from pipeline.storage import Store
@@ -32,6 +33,12 @@ class StepReport:
     buckets: int = 1
     groups: int = 1
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    commits: int = 0
+    """Delta commits of this step (its table and its rejected table); with the next two, for the S3
+    requests of the cost estimate (``pipeline.costs``)."""
+    files_added: int = 0
+    files_read: int = 0
+    """Data files the commits replaced (a MERGE read each of them)."""
     schemas: dict[str, str] = field(default_factory=dict)
     """The catalog's names of this step's tables (``products``, ``rejected_products``) that exist after it,
     with a digest of their schemas: whether a crawl is needed (``pipeline.catalog``)."""
@@ -50,6 +57,8 @@ class BatchReport:
     archived_files: int
     table_counts: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    cost: dict[str, Any] = field(default_factory=dict)
+    """What the batch cost on AWS at list prices (``pipeline.costs.CostEstimate``), or would on Fargate."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()

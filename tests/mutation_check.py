@@ -32,6 +32,41 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "a crawl only for a table that is new or whose schema changed",
+        "pipeline/catalog.py",
+        "if known.get(name) != digest",
+        "if known.get(name) != digest or True",
+        ("tests/aws/test_handlers.py",),
+    ),
+    Mutant(
+        "the lakehouse crawler only when a lakehouse table changed",
+        "handlers/catalog_changes.py",
+        "if len(rejected) < len(changed) else []",
+        "if changed else []",
+        ("tests/aws/test_handlers.py",),
+    ),
+    Mutant(
+        "a failed batch makes the next one crawl every table",
+        "handlers/finish_batch.py",
+        "    forget_catalog(store)  #",
+        "    pass  #",
+        ("tests/aws/test_handlers.py",),
+    ),
+    Mutant(
+        "a Fargate step is billed with its start, at least a minute",
+        "pipeline/costs.py",
+        "max(prices.fargate_minimum_seconds, step.seconds + TASK_START_SECONDS)",
+        "step.seconds",
+        ("tests/unit/test_costs.py", "tests/integration/test_cli.py"),
+    ),
+    Mutant(
+        "an Athena query is billed at least 10 MB",
+        "pipeline/costs.py",
+        "max(prices.athena_minimum_bytes, scanned)",
+        "scanned",
+        ("tests/unit/test_costs.py", "tests/aws/test_handlers.py"),
+    ),
+    Mutant(
         "an append without a MERGE only for rows none of whose keys are stored",
         "pipeline/batch.py",
         "to_merge == (\n",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
@@ -63,7 +64,11 @@ class LakehouseStack(Stack):
             "FinishBatch",
             handler="handlers.finish_batch.lambda_handler",
             description="Final report, lock release and the SNS message of a batch; starts the next one",
-            environment={"LAKEHOUSE_ROOT": storage.root, "STATE_MACHINE_ARN": state_machine_arn(self)},
+            environment={
+                "LAKEHOUSE_ROOT": storage.root,
+                "STATE_MACHINE_ARN": state_machine_arn(self),
+                "LAKEHOUSE_TASK_SIZE": json.dumps(_task_size(config)),
+            },
             timeout=Duration.minutes(2),
             key=key,
             config=config,
@@ -134,6 +139,14 @@ class LakehouseStack(Stack):
         finish.function.add_to_role_policy(
             iam.PolicyStatement(
                 sid="StartNextBatch", actions=["states:StartExecution"], resources=[state_machine_arn(self)]
+            )
+        )
+        finish.function.add_to_role_policy(
+            iam.PolicyStatement(
+                # The batch's cost estimate counts the state transitions of its execution.
+                sid="CountTransitions",
+                actions=["states:GetExecutionHistory"],
+                resources=[execution_arns(self)],
             )
         )
         for starter in (trigger, finish.function):
@@ -322,3 +335,16 @@ class LakehouseStack(Stack):
                 ],
             )
         )
+
+
+def _task_size(config: LakehouseConfig) -> dict[str, Any]:
+    """What a step runs on, as the batch's cost estimate takes it (``pipeline.costs.TaskSize``)."""
+    return {
+        "runner": config.runner,
+        "vcpu": config.fargate_cpu / 1024,
+        "memory_gb": config.fargate_memory_mib / 1024,
+        "ephemeral_gb": config.fargate_ephemeral_gib,
+        "architecture": config.fargate_architecture,
+        "spot": config.fargate_spot,
+        "glue_dpu": config.glue_max_capacity,
+    }

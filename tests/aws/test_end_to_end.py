@@ -569,8 +569,20 @@ def test_a_batch_that_changes_no_table_schema_starts_no_crawler(chain: dict[str,
     _deliver_events(chain["queue"])
     execution = _wait_for_executions(chain["machine"], 2)[-1]
     assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
-    assert "succeeded" in _notifications(chain["inbox"])[0]
+    (message,) = _notifications(chain["inbox"])
+    assert "succeeded" in message
     assert CRAWLS == []
+    # The cost estimate counts this execution's transitions: the happy path's model, measured.
+    from pipeline.costs import local_transitions
+    from pipeline.report import load_report
+    from pipeline.storage import open_store
+
+    report = load_report(open_store(ROOT), execution["name"])
+    assert report is not None
+    assert report.cost["usage"]["transitions"] == local_transitions(3, 0, 3)
+    assert report.cost["usage"]["crawls"] == 0
+    assert report.cost["basis"].startswith("estimate from this execution")
+    assert f"Cost on AWS: ${report.cost['usd']:.4f}" in message
 
 
 def test_a_batch_that_creates_a_rejected_table_crawls_it(chain: dict[str, Any]) -> None:
@@ -589,6 +601,11 @@ def test_a_batch_that_creates_a_rejected_table_crawls_it(chain: dict[str, Any]) 
     assert delta.count_rows(rejected_uri(store, "order_items")) == 1
     # One crawl for both new rejected tables; the lakehouse tables' schemas did not change.
     assert CRAWLS == [REJECTED_CRAWLER]
+    from pipeline.report import load_report
+
+    report = load_report(store, execution["name"])
+    assert report is not None
+    assert report.cost["usage"]["crawls"] == 1 and report.cost["by_service"]["crawler"] > 0.07
 
 
 def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(

@@ -354,3 +354,23 @@ def test_a_failed_batch_makes_the_next_one_crawl_everything(aws: dict[str, Any])
         lambda_context(),
     )
     assert _plan_catalog("b2")["crawlers"] == ["lake-crawler", "rejected-crawler"]
+
+
+def test_finish_prices_the_batch_on_the_task_it_is_told_of(
+    aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.report import load_report
+
+    monkeypatch.setenv("LAKEHOUSE_TASK_SIZE", json.dumps({"runner": "glue", "glue_dpu": 0.0625}))
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (execution,) = executions(aws["state_machine"])
+    result = _finish(execution["name"])
+    report = load_report(open_store(ROOT), execution["name"])
+    assert report is not None
+    # Three steps of 0.1 s, billed a minute each at 0.0625 DPU; no execution named: transitions modelled.
+    assert report.cost["by_service"]["glue"] == pytest.approx(3 * 60 * 0.0625 / 3600 * 0.44, abs=1e-8)
+    assert report.cost["usage"]["crawls"] == 0 and report.cost["usage"]["athena_bytes"] == 3 * 10_000_000
+    assert "Glue Python shell, 0.0625 DPU" in report.cost["basis"]
+    assert f"Cost on AWS: ${report.cost['usd']:.4f} (" in result["message"]

@@ -207,6 +207,26 @@ def test_the_trigger_and_finish_know_the_root_and_the_state_machine(template: Te
     assert ":stateMachine:EcommerceETLPipeline" in json.dumps(finish["STATE_MACHINE_ARN"])
 
 
+def test_finish_prices_the_batch_on_the_deployed_task_and_counts_its_transitions(
+    fargate_template: Template, glue_template: Template
+) -> None:
+    from pipeline.costs import TaskSize
+
+    for template, runner in ((fargate_template, "fargate"), (glue_template, "glue")):
+        functions = resources(template, "AWS::Lambda::Function").values()
+        finish = next(
+            f["Properties"]
+            for f in functions
+            if f["Properties"].get("Handler", "").endswith("finish_batch.lambda_handler")
+        )
+        size = TaskSize(**json.loads(finish["Environment"]["Variables"]["LAKEHOUSE_TASK_SIZE"]))
+        # cdk.json's defaults: 2 vCPU, 8 GiB, 21 GiB of disk, arm64, on demand; Glue 1 DPU.
+        assert size == TaskSize(runner=runner, vcpu=2.0, memory_gb=8.0, ephemeral_gb=21, glue_dpu=1.0)
+        granted = statements(template, finish["Role"]["Fn::GetAtt"][0])
+        history = [s for s in granted if "states:GetExecutionHistory" in actions_of(s)]
+        assert history and ":execution:EcommerceETLPipeline:" in json.dumps(history[0]["Resource"])
+
+
 def test_the_trigger_and_finish_may_do_what_starting_a_batch_takes(template: Template) -> None:
     """Take and release the lock, judge the execution holding it, finish a batch of loaded files."""
     functions = resources(template, "AWS::Lambda::Function").values()

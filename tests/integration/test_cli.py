@@ -23,7 +23,7 @@ def run_cli(*args: str) -> int:
     return 0
 
 
-@pytest.mark.parametrize("command", ["generate", "run", "step", "query", "unlock", "abandon"])
+@pytest.mark.parametrize("command", ["generate", "run", "step", "query", "unlock", "abandon", "cost"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(command, "--help") == 0
     assert "--root" in capsys.readouterr().out
@@ -45,6 +45,31 @@ def test_generate_run_and_query(root: Path, capsys: pytest.CaptureFixture[str]) 
     assert run_cli("query", "--root", str(root), "SELECT * FROM nowhere") == 1
     error = capsys.readouterr().err
     assert "query failed" in error and "Traceback" not in error
+
+
+def test_a_batch_prints_its_cost_and_cost_reprices_it_at_another_task_size(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.report import batch_history, load_report
+
+    assert run_cli("cost", "--root", str(root)) == 1
+    assert "no batch has finished" in capsys.readouterr().err
+    assert run_cli("generate", "--root", str(root), "--scale", "0.001", "--seed", "1") == 0
+    assert run_cli("run", "--root", str(root)) == 0
+    store = open_store(str(root))
+    report = load_report(store, batch_history(store, 1)[0].batch_id)
+    assert report is not None
+    assert f"cost on AWS: ${report.cost['usd']:.4f}" in capsys.readouterr().out
+    assert run_cli("cost", "--root", str(root), "--cpu", "1024", "--memory", "2048", "--crawls", "1") == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    # Three steps of well under 30 s: a minute each at 1 vCPU and 2 GB, and one crawl of ten minutes.
+    fargate = 3 * 60 * (1 * 0.03238 + 2 * 0.00356 + 1 * 0.000111) / 3600
+    assert f"fargate ${fargate:.4f}" in printed and "crawler $0.0733" in printed
+    assert "1 vCPU / 2 GB" in printed and "Glue Spark" in printed
+    assert run_cli("cost", "--root", str(root), "--runner", "gleu") == 1
+    assert "--runner must be fargate or glue" in capsys.readouterr().err
+    assert run_cli("cost", "--root", str(root), "--batch", "nope") == 1
+    assert "batch nope has no report" in capsys.readouterr().err
 
 
 def test_missing_dataset_is_one_sentence_and_exit_1(root: Path, capsys: pytest.CaptureFixture[str]) -> None:

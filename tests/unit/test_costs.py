@@ -1,0 +1,100 @@
+"""The cost estimate: each service's figure recomputed here by hand from the published prices."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.costs import (
+    PRICES,
+    TaskSize,
+    cost_line,
+    estimate,
+    glue_spark_cost,
+    local_transitions,
+    s3_requests,
+)
+from pipeline.report import StepReport
+
+
+def step(table: str, seconds: float, *, added: int = 0, read: int = 0, commits: int = 0) -> StepReport:
+    return StepReport(
+        table, 1, 10, 10, 0, 0, 0, {}, 1, None, seconds, commits=commits, files_added=added, files_read=read
+    )
+
+
+def priced(steps: list[StepReport], task: TaskSize = TaskSize(), **overrides: object) -> dict[str, float]:
+    arguments: dict[str, object] = {
+        "raw_files": 3,
+        "raw_bytes": 3_000,
+        "crawls": 0,
+        "transitions": 0,
+        "athena_bytes": [],
+        "basis": "test",
+        **overrides,
+    }
+    return estimate(steps, task=task, **arguments).by_service  # type: ignore[arg-type]
+
+
+def test_fargate_bills_each_step_with_its_start_and_at_least_a_minute() -> None:
+    # 2 vCPU and 8 GB on arm64 at 0.03238 and 0.00356 per hour; 21 GB of disk, 1 GB above the free 20.
+    per_second = (2 * 0.03238 + 8 * 0.00356 + 1 * 0.000111) / 3600
+    short, long = step("products", 1.0), step("order_items", 100.0)
+    assert priced([short])["fargate"] == pytest.approx(60 * per_second, rel=1e-4)
+    assert priced([long])["fargate"] == pytest.approx(130 * per_second, rel=1e-4)  # + 30 s of start
+    spot = priced([long], TaskSize(spot=True))["fargate"]
+    assert spot == pytest.approx(130 * per_second * 0.3, rel=1e-4)
+    x86 = priced([short], TaskSize(architecture="x86_64", ephemeral_gb=20))["fargate"]
+    assert x86 == pytest.approx(60 * (2 * 0.04048 + 8 * 0.004445) / 3600, rel=1e-4)
+
+
+def test_glue_python_shell_bills_dpu_seconds_at_least_a_minute() -> None:
+    by_service = priced(
+        [step("orders", 10.0), step("order_items", 90.0)], TaskSize(runner="glue", glue_dpu=0.0625)
+    )
+    assert "fargate" not in by_service
+    assert by_service["glue"] == pytest.approx((60 + 90) * 0.0625 / 3600 * 0.44, rel=1e-4)
+
+
+def test_crawls_athena_and_transitions_at_their_minimums_and_rates() -> None:
+    by_service = priced([], crawls=2, transitions=40, athena_bytes=[0, 25_000_000])
+    assert by_service["crawler"] == pytest.approx(2 * 600 / 3600 * 0.44)  # 0.0733 a crawl
+    assert by_service["step_functions"] == pytest.approx(40 * 0.000025)
+    assert by_service["athena"] == pytest.approx((10_000_000 + 25_000_000) / 1e12 * 5.0)
+
+
+def test_s3_requests_follow_the_files_and_commits() -> None:
+    steps = [step("orders", 1.0, added=100, read=4, commits=2)]
+    puts, gets = s3_requests(steps, raw_files=2, raw_bytes=(64 << 20) + 1)
+    base_puts, base_gets = s3_requests([], raw_files=0, raw_bytes=0)
+    assert puts - base_puts == 2 + 100 + 2 + 8  # archive copies, data files, commits, log listings
+    assert gets - base_gets == 2 * 2 + 2 + 2 * 4 + 8 * 3  # heads, two ranged GETs, footers and data, log
+    by_service = priced(steps, raw_files=2, raw_bytes=(64 << 20) + 1)
+    assert by_service["s3"] == pytest.approx(puts * 0.005 / 1000 + gets * 0.0004 / 1000)
+
+
+def test_the_total_is_the_sum_and_the_line_shows_it_with_the_prices_date() -> None:
+    result = estimate(
+        [step("orders", 5.0)],
+        raw_files=1,
+        raw_bytes=10,
+        crawls=1,
+        transitions=57,
+        athena_bytes=[0],
+        basis="b",
+    )
+    assert result.usd == pytest.approx(sum(result.by_service.values()), abs=1e-6)
+    line = cost_line(result.to_dict())
+    assert line.startswith(f"${result.usd:.4f} (crawler $0.0733, fargate ")
+    assert line.endswith(f"list prices of {PRICES.as_of})") and "on Fargate arm64, 2 vCPU / 8 GB" in line
+
+
+def test_the_happy_path_transitions_grow_with_tables_crawls_and_checks() -> None:
+    # Exact agreement with an execution's history is checked on the moto server (tests/aws).
+    assert local_transitions(3, 1, 3) - local_transitions(3, 0, 3) == 10
+    assert local_transitions(3, 0, 4) - local_transitions(3, 0, 3) == 7
+    assert local_transitions(4, 0, 3) - local_transitions(3, 0, 3) == 2
+
+
+def test_glue_spark_costs_its_dpus_minutes_and_a_crawl() -> None:
+    assert glue_spark_cost() == pytest.approx(3 * 10 * 120 / 3600 * 0.44 + 600 / 3600 * 0.44)
+    assert glue_spark_cost(dpu=2, job_seconds=10, crawl=False) == pytest.approx(3 * 2 * 60 / 3600 * 0.44)
