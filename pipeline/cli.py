@@ -448,8 +448,8 @@ def cost(
         None, "--batch", help="A finished batch's id (default: the last one)."
     ),
     runner: str = typer.Option("fargate", "--runner", help="fargate or glue."),
-    cpu: int = typer.Option(2048, "--cpu", min=256, help="Fargate vCPU units (1024 = 1 vCPU)."),
-    memory: int = typer.Option(8192, "--memory", min=512, help="Fargate memory in MiB."),
+    cpu: int = typer.Option(1024, "--cpu", min=256, help="Fargate vCPU units (1024 = 1 vCPU)."),
+    memory: int = typer.Option(4096, "--memory", min=512, help="Fargate memory in MiB."),
     disk: int = typer.Option(21, "--disk", min=20, help="Fargate ephemeral storage in GiB."),
     architecture: str = typer.Option("arm64", "--architecture", help="arm64 or x86_64."),
     spot: bool = typer.Option(False, "--spot", help="Fargate Spot."),

@@ -58,8 +58,8 @@ class TaskSize:
     """Where the steps run: a Fargate task's size, or a Glue Python-shell job's DPU."""
 
     runner: str = "fargate"
-    vcpu: float = 2.0
-    memory_gb: float = 8.0
+    vcpu: float = 1.0
+    memory_gb: float = 4.0
     ephemeral_gb: int = 21
     architecture: str = "arm64"
     spot: bool = False

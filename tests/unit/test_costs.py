@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.costs import (
+    DEFAULT_TASK,
     PRICES,
     TaskSize,
     cost_line,
@@ -22,7 +23,10 @@ def step(table: str, seconds: float, *, added: int = 0, read: int = 0, commits: 
     )
 
 
-def priced(steps: list[StepReport], task: TaskSize = TaskSize(), **overrides: object) -> dict[str, float]:
+TWO_BY_EIGHT = TaskSize(vcpu=2.0, memory_gb=8.0)
+
+
+def priced(steps: list[StepReport], task: TaskSize = TWO_BY_EIGHT, **overrides: object) -> dict[str, float]:
     arguments: dict[str, object] = {
         "raw_files": 3,
         "raw_bytes": 3_000,
@@ -41,9 +45,11 @@ def test_fargate_bills_each_step_with_its_start_and_at_least_a_minute() -> None:
     short, long = step("products", 1.0), step("order_items", 100.0)
     assert priced([short])["fargate"] == pytest.approx(60 * per_second, rel=1e-4)
     assert priced([long])["fargate"] == pytest.approx(130 * per_second, rel=1e-4)  # + 30 s of start
-    spot = priced([long], TaskSize(spot=True))["fargate"]
+    spot = priced([long], TaskSize(vcpu=2.0, memory_gb=8.0, spot=True))["fargate"]
     assert spot == pytest.approx(130 * per_second * 0.3, rel=1e-4)
-    x86 = priced([short], TaskSize(architecture="x86_64", ephemeral_gb=20))["fargate"]
+    x86 = priced([short], TaskSize(vcpu=2.0, memory_gb=8.0, architecture="x86_64", ephemeral_gb=20))[
+        "fargate"
+    ]
     assert x86 == pytest.approx(60 * (2 * 0.04048 + 8 * 0.004445) / 3600, rel=1e-4)
 
 
@@ -72,6 +78,10 @@ def test_s3_requests_follow_the_files_and_commits() -> None:
     assert by_service["s3"] == pytest.approx(puts * 0.005 / 1000 + gets * 0.0004 / 1000)
 
 
+def test_a_local_run_is_priced_on_the_cdk_app_s_default_task() -> None:
+    assert TaskSize("fargate", 1.0, 4.0, 21, "arm64", False, 1.0) == DEFAULT_TASK  # infra tests: the same
+
+
 def test_the_total_is_the_sum_and_the_line_shows_it_with_the_prices_date() -> None:
     result = estimate(
         [step("orders", 5.0)],
@@ -81,6 +91,7 @@ def test_the_total_is_the_sum_and_the_line_shows_it_with_the_prices_date() -> No
         transitions=57,
         athena_bytes=[0],
         basis="b",
+        task=TWO_BY_EIGHT,
     )
     assert result.usd == pytest.approx(sum(result.by_service.values()), abs=1e-6)
     line = cost_line(result.to_dict())
