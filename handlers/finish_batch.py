@@ -1,8 +1,8 @@
 """FinishBatch: the state machine's last step, on success and on failure.
 
-Writes the batch's final report, notes what the Glue catalog now holds (``pipeline.catalog``),
-releases the root's batch lock, composes the SNS message and, after a success, starts the next batch
-if files landed meanwhile. Input:
+Writes the batch's final report and publishes its metrics, notes what the Glue catalog now holds
+(``pipeline.catalog``), releases the root's batch lock, composes the SNS message and, after a success,
+starts the next batch if files landed meanwhile. Input:
 ``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: [{"table", "rows",
 "statistics"?}], "crawled"?: [crawler names], "execution"?: ARN, "error"?: str, "cause"?: str}``.
 Environment: as CheckDataAvailability (``LAKEHOUSE_ROOT``, ``STATE_MACHINE_ARN``), for starting the
@@ -18,6 +18,7 @@ from typing import Any
 
 import boto3
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from handlers.check_data_availability import execution_alive, start_execution
@@ -30,7 +31,41 @@ from pipeline.specs import TABLES
 from pipeline.storage import Store, open_store
 from pipeline.trigger import start_ready_batch
 
-logger = Logger(service="ecommerce-lakehouse")
+SERVICE = "ecommerce-lakehouse"
+# CloudWatch metrics of each succeeded batch (infra/lakehouse_infra/stack.py alarms on RejectedShare).
+NAMESPACE = "EcommerceLakehouse"
+logger = Logger(service=SERVICE)
+
+
+def publish_metrics(report: BatchReport) -> None:
+    """The batch's figures as CloudWatch metrics in Embedded Metric Format (CloudWatch Logs extracts
+    them from the function's log): the batch's seconds and cost, and per table (dimension ``table``)
+    rows in, inserted, updated, rejected and the rejected share in percent, and the rejections per
+    reason (dimensions ``table``, ``reason``)."""
+    batch = EphemeralMetrics(namespace=NAMESPACE, service=SERVICE)
+    batch.add_metric(name="BatchSeconds", unit=MetricUnit.Seconds, value=report.seconds)
+    if report.cost:
+        batch.add_metric(name="EstimatedCostUSD", unit=MetricUnit.NoUnit, value=report.cost["usd"])
+    batch.flush_metrics()
+    for step in report.steps:
+        table = EphemeralMetrics(namespace=NAMESPACE, service=SERVICE)
+        table.add_dimension(name="table", value=step.table)
+        for name, count in (
+            ("RowsIn", step.rows_in),
+            ("Inserted", step.inserted),
+            ("Updated", step.updated),
+            ("Rejected", step.rejected),
+        ):
+            table.add_metric(name=name, unit=MetricUnit.Count, value=count)
+        share = 100.0 * step.rejected / step.rows_in if step.rows_in else 0.0
+        table.add_metric(name="RejectedShare", unit=MetricUnit.Percent, value=share)
+        table.flush_metrics()
+        for reason, count in sorted(step.rejected_by_reason.items()):
+            by_reason = EphemeralMetrics(namespace=NAMESPACE, service=SERVICE)
+            by_reason.add_dimension(name="table", value=step.table)
+            by_reason.add_dimension(name="reason", value=reason)
+            by_reason.add_metric(name="RejectedByReason", unit=MetricUnit.Count, value=count)
+            by_reason.flush_metrics()
 
 
 def _counts(counts: list[dict[str, Any]] | dict[str, Any]) -> dict[str, int]:
@@ -95,6 +130,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
     record_loaded(store, manifest, now)
     record_catalog(store, manifest.batch_id, TABLES)  # its crawls, if it needed any, succeeded
     store.write_bytes(report_key(manifest.batch_id), report.to_json())
+    publish_metrics(report)  # once the report is written: a retry after a failure before it adds none
     lines = [f"Batch {report.batch_id} succeeded."]
     for step in report.steps:
         lines.append(

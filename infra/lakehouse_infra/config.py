@@ -55,6 +55,8 @@ class LakehouseConfig:
     athena_results_days: int = 30
     log_retention_days: int = 90
     batch_timeout_hours: int = 6
+    reject_share_alarm_percent: float = 10.0
+    """Alarm (to the SNS topic) when a batch rejects more than this share of a table's rows in."""
     powertools_layer_version: int = 0
     """Override of the version of AWS's public Powertools v3 layer; 0 (the default) takes the layer of
     the release pyproject.toml pins (lakehouse_infra/powertools.py), the one the handlers' tests run."""
@@ -90,6 +92,10 @@ class LakehouseConfig:
         if self.nat_gateways not in (1, 2):
             raise ConfigError(
                 f"nat_gateways must be 1 or 2 (the tasks run in private subnets), not {self.nat_gateways}"
+            )
+        if not 0 <= self.reject_share_alarm_percent < 100:
+            raise ConfigError(
+                f"reject_share_alarm_percent must be 0 to under 100, not {self.reject_share_alarm_percent}"
             )
         if self.glue_max_capacity not in (0.0625, 1.0):
             raise ConfigError(f"glue_max_capacity must be 0.0625 or 1, not {self.glue_max_capacity}")

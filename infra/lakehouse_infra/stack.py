@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -21,6 +22,8 @@ from lakehouse_infra.runners import CONTAINER_NAME, FargateRunner, GlueRunner
 from lakehouse_infra.storage import LakehouseStorage
 
 NOT_USED = "not-used-by-this-runner"
+# What handlers/finish_batch.py publishes its metrics under (a test checks that they agree).
+METRICS_NAMESPACE, METRICS_SERVICE = "EcommerceLakehouse", "ecommerce-lakehouse"
 
 
 class LakehouseStack(Stack):
@@ -211,6 +214,7 @@ class LakehouseStack(Stack):
 
         alarm_action = cloudwatch_actions.SnsAction(notifications.topic)
         alarms = [
+            *self._reject_share_alarms(catalog.tables, config),
             *pipeline.alarms,
             events.dead_letters_alarm,
             events.trigger.errors_alarm,
@@ -279,6 +283,31 @@ class LakehouseStack(Stack):
             )
         )
         return key
+
+    def _reject_share_alarms(self, tables: list[str], config: LakehouseConfig) -> list[cloudwatch.Alarm]:
+        """Per table: a batch rejected more than the configured share of its rows (FinishBatch's metric)."""
+        return [
+            cloudwatch.Alarm(
+                self,
+                f"RejectedShare-{table}",
+                alarm_description=(
+                    f"a batch rejected more than {config.reject_share_alarm_percent:g}% of the {table} rows "
+                    f"it read (see its report, and rejected_{table} in Athena)"
+                ),
+                metric=cloudwatch.Metric(
+                    namespace=METRICS_NAMESPACE,
+                    metric_name="RejectedShare",
+                    dimensions_map={"service": METRICS_SERVICE, "table": table},
+                    statistic="Maximum",
+                    period=Duration.hours(1),
+                ),
+                threshold=config.reject_share_alarm_percent,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            )
+            for table in tables
+        ]
 
     @staticmethod
     def _grant_step(bucket: s3.IBucket, role: iam.IRole) -> None:

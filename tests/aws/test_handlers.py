@@ -374,3 +374,67 @@ def test_finish_prices_the_batch_on_the_task_it_is_told_of(
     assert report.cost["usage"]["crawls"] == 0 and report.cost["usage"]["athena_bytes"] == 3 * 10_000_000
     assert "Glue Python shell, 0.0625 DPU" in report.cost["basis"]
     assert f"Cost on AWS: ${report.cost['usd']:.4f} (" in result["message"]
+
+
+def _emf_blobs(printed: str) -> list[dict[str, Any]]:
+    """The Embedded Metric Format objects a handler printed (one JSON object per line with ``_aws``)."""
+    blobs = []
+    for line in printed.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            blob = json.loads(line)
+            # A metric's values are a list (one value per add_metric call): each is added once here.
+            metrics = blob["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+            for metric in metrics:
+                (blob[metric["Name"]],) = blob[metric["Name"]]
+            blobs.append(blob)
+    return blobs
+
+
+def test_finish_publishes_the_batch_s_metrics_per_table_and_reason(
+    aws: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.report import StepReport, save_step_report
+
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (execution,) = executions(aws["state_machine"])
+    batch_id = execution["name"]
+    store = open_store(ROOT)
+    figures = {"products": (10, 9, 0, 1), "orders": (200, 150, 10, 40), "order_items": (0, 0, 0, 0)}
+    for table, (rows_in, inserted, updated, rejected) in figures.items():
+        reasons = {"null:user_id": 30, "duplicate_key": 15} if table == "orders" else {}
+        step = StepReport(table, 1, rows_in, inserted, updated, 0, rejected, reasons, 1, None, 0.5)
+        save_step_report(store, batch_id, step)
+    capsys.readouterr()
+    finish_batch.lambda_handler(
+        {
+            "root": ROOT,
+            "batch_id": batch_id,
+            "manifest": f"manifests/{batch_id}.json",
+            "status": "SUCCEEDED",
+            "counts": [{"table": t, "rows": "1"} for t in figures],
+        },
+        lambda_context(),
+    )
+    blobs = _emf_blobs(capsys.readouterr().out)
+    for blob in blobs:
+        (directive,) = blob["_aws"]["CloudWatchMetrics"]
+        assert directive["Namespace"] == finish_batch.NAMESPACE == "EcommerceLakehouse"
+        assert blob["service"] == "ecommerce-lakehouse"
+    per_table = {blob["table"]: blob for blob in blobs if "table" in blob and "reason" not in blob}
+    assert sorted(per_table) == sorted(figures)
+    for table, (rows_in, inserted, updated, rejected) in figures.items():
+        blob = per_table[table]
+        assert (blob["RowsIn"], blob["Inserted"], blob["Updated"], blob["Rejected"]) == (
+            rows_in,
+            inserted,
+            updated,
+            rejected,
+        )
+        assert blob["RejectedShare"] == pytest.approx(100 * rejected / rows_in if rows_in else 0.0)
+    assert per_table["orders"]["RejectedShare"] == 20.0
+    by_reason = {(b["table"], b["reason"]): b["RejectedByReason"] for b in blobs if "reason" in b}
+    assert by_reason == {("orders", "duplicate_key"): 15, ("orders", "null:user_id"): 30}
+    (batch,) = [blob for blob in blobs if "BatchSeconds" in blob]
+    assert batch["EstimatedCostUSD"] > 0 and "table" not in batch

@@ -622,3 +622,38 @@ def test_the_cdk_toolkit_version_is_written_once_in_infra_package_json() -> None
     assert lock["packages"]["node_modules/aws-cdk"]["version"] == package["devDependencies"]["aws-cdk"]
     for path in [root / ".ci" / "run", *sorted((root / ".github" / "workflows").glob("*.yml"))]:
         assert "aws-cdk@" not in path.read_text(), f"{path.name} installs its own CDK toolkit version"
+
+
+def test_a_table_s_rejected_share_above_the_threshold_alarms_to_the_topic(
+    fargate_template: Template, tmp_path: Any
+) -> None:
+    from lakehouse_infra.stack import METRICS_NAMESPACE, METRICS_SERVICE
+
+    from handlers import finish_batch
+    from tests.infra.conftest import synthesize
+
+    assert (METRICS_NAMESPACE, METRICS_SERVICE) == (finish_batch.NAMESPACE, finish_batch.SERVICE)
+    topic_id = next(iter(resources(fargate_template, "AWS::SNS::Topic")))
+    alarms = {
+        alarm["Properties"]["Dimensions"][1]["Value"]: alarm["Properties"]
+        for alarm in resources(fargate_template, "AWS::CloudWatch::Alarm").values()
+        if alarm["Properties"].get("MetricName") == "RejectedShare"
+    }
+    assert sorted(alarms) == ["order_items", "orders", "products"]
+    for table, alarm in alarms.items():
+        assert alarm["Namespace"] == "EcommerceLakehouse"
+        assert alarm["Dimensions"] == [
+            {"Name": "service", "Value": "ecommerce-lakehouse"},
+            {"Name": "table", "Value": table},
+        ]
+        assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (10, "GreaterThanThreshold")
+        assert alarm["AlarmActions"] == [{"Ref": topic_id}]
+    stricter = Template.from_stack(synthesize(tmp_path, reject_share_alarm_percent="2.5"))
+    thresholds = {
+        alarm["Properties"]["Threshold"]
+        for alarm in resources(stricter, "AWS::CloudWatch::Alarm").values()
+        if alarm["Properties"].get("MetricName") == "RejectedShare"
+    }
+    assert thresholds == {2.5}
+    with pytest.raises(ConfigError, match="reject_share_alarm_percent"):
+        synthesize(tmp_path / "bad", reject_share_alarm_percent="100")
