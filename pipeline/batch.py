@@ -478,7 +478,7 @@ def run_step(
             if not to_merge:
                 merging = None
             elif staging is not None:
-                merging = merger.submit(_merge_staged, store, spec, staging, plan, moved_from)
+                merging = merger.submit(_merge_staged, store, spec, staging, plan, moved_from, batch_id)
             else:
                 merging = merger.submit(
                     delta.merge_rows,
@@ -488,6 +488,7 @@ def run_step(
                     keep=keep,
                     stored_partitions=stored_partitions,
                     none_stored_at=stored_version if none_stored else None,
+                    batch_id=batch_id,
                 )
             if late_rows:
                 progress(
@@ -765,7 +766,7 @@ def _compacted(parts: list[pl.Series], *, force: bool = False) -> list[pl.Series
 
 
 def _merge_staged(
-    store: Store, spec: TableSpec, staging: Staging, plan: Plan, moved_from: list[Any]
+    store: Store, spec: TableSpec, staging: Staging, plan: Plan, moved_from: list[Any], batch_id: str
 ) -> delta.MergeResult:
     """MERGE the staged survivors group by group, then the moving keys; the sums of what they did."""
     uri = table_uri(store, spec.name)
@@ -777,7 +778,9 @@ def _merge_staged(
         if rows is None:
             continue
         # The group's own partitions are its predicate; the moving keys' also name where they leave.
-        merged = delta.merge_rows(uri, rows.rename(names), spec, stored_partitions=stored_partitions)
+        merged = delta.merge_rows(
+            uri, rows.rename(names), spec, stored_partitions=stored_partitions, batch_id=batch_id
+        )
         del rows
         inserted, updated, version = inserted + merged.inserted, updated + merged.updated, merged.version
     return delta.MergeResult(inserted, updated, version)

@@ -442,6 +442,43 @@ def status(
 
 
 @app.command()
+def history(
+    table: str = typer.Argument(..., help="products, orders, order_items or rejected_<table>."),
+    root: str = _root_option(),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many versions, newest first."),
+) -> None:
+    """A table's versions, newest first: when, the operation, the batch that wrote it, rows and files."""
+    from pipeline import delta
+    from pipeline.batch import rejected_uri, table_uri
+    from pipeline.errors import UsageError
+    from pipeline.specs import TABLES
+
+    store = _store(root)
+    names = {**{name: table_uri(store, name) for name in TABLES}}
+    names.update({f"rejected_{name}": rejected_uri(store, name) for name in TABLES})
+    if table not in names:
+        raise UsageError(f"unknown table {table!r}; the tables are {', '.join(names)}")
+    commits = delta.history(names[table], limit)
+    if not commits:
+        out.print(f"{table} has no versions under {root} yet", highlight=False, markup=False)
+        return
+    listing = Table(title=f"{table}: versions", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for header in ("version", "time (UTC)", "operation", "batch", "rows", "files +/-"):
+        justify = "right" if header in ("version", "files +/-") else "left"
+        listing.add_column(header, justify=justify, overflow="fold", no_wrap=header == "batch")
+    for commit in commits:
+        listing.add_row(
+            str(commit.version),
+            commit.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+            commit.operation,
+            commit.batch_id or "-",
+            ", ".join(f"{count:,} {name}" for name, count in commit.rows.items()) or "-",
+            f"+{commit.files_added:,} -{commit.files_removed:,}",
+        )
+    out.print(listing)
+
+
+@app.command()
 def cost(
     root: str = _root_option(),
     batch: Optional[str] = typer.Option(

@@ -23,7 +23,9 @@ def run_cli(*args: str) -> int:
     return 0
 
 
-@pytest.mark.parametrize("command", ["generate", "run", "step", "query", "unlock", "abandon", "cost"])
+@pytest.mark.parametrize(
+    "command", ["generate", "run", "step", "query", "unlock", "abandon", "cost", "history"]
+)
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(command, "--help") == 0
     assert "--root" in capsys.readouterr().out
@@ -70,6 +72,36 @@ def test_a_batch_prints_its_cost_and_cost_reprices_it_at_another_task_size(
     assert "--runner must be fargate or glue" in capsys.readouterr().err
     assert run_cli("cost", "--root", str(root), "--batch", "nope") == 1
     assert "batch nope has no report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["3GiB", "512KiB"])  # one step at once, and staged
+def test_every_commit_names_its_batch_and_history_lists_them(
+    tmp_path: Path, budget: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.generate import generate, generate_next_day
+    from pipeline.report import batch_history
+
+    store = open_store(str(tmp_path))
+    generate(store, scale=0.002, seed=5)
+    assert run_cli("run", "--root", str(tmp_path), "--memory-budget", budget) == 0
+    generate_next_day(store, scale=0.002, seed=5)
+    assert run_cli("run", "--root", str(tmp_path), "--memory-budget", budget) == 0
+    batches = sorted(line.batch_id for line in batch_history(store, 10))
+    for name in ("products", "orders", "order_items"):
+        for uri in (table_uri(store, name), rejected_uri(store, name)):
+            commits = delta.history(uri)
+            assert [c.version for c in commits] == list(range(len(commits) - 1, -1, -1))
+            assert {c.batch_id for c in commits} == set(batches), uri  # every commit names its batch
+            assert commits[-1].operation == "WRITE" and commits[-1].files_added > 0
+    orders = delta.history(table_uri(store, "orders"))
+    next_day = [c for c in orders if c.batch_id == batches[1]]
+    assert sum(c.rows.get("updated", 0) for c in next_day) > 0  # the corrections
+    capsys.readouterr()
+    assert run_cli("history", "orders", "--root", str(tmp_path), "--limit", "1") == 0
+    printed = capsys.readouterr().out
+    assert batches[1] in printed and batches[0] not in printed and "updated" in printed
+    assert run_cli("history", "order", "--root", str(tmp_path)) == 1
+    assert "the tables are products, orders, order_items, rejected_products" in capsys.readouterr().err
 
 
 def test_missing_dataset_is_one_sentence_and_exit_1(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
