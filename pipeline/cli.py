@@ -464,8 +464,12 @@ def history(
         return
     listing = Table(title=f"{table}: versions", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     for header in ("version", "time (UTC)", "operation", "batch", "rows", "files +/-"):
-        justify = "right" if header in ("version", "files +/-") else "left"
-        listing.add_column(header, justify=justify, overflow="fold", no_wrap=header == "batch")
+        listing.add_column(
+            header,
+            justify="right" if header in ("version", "files +/-") else "left",
+            overflow="fold",
+            no_wrap=header == "batch",
+        )
     for commit in commits:
         listing.add_row(
             str(commit.version),
