@@ -32,6 +32,13 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "every commit carries the batch that wrote it",
+        "pipeline/delta.py",
+        "custom_metadata=None if batch_id is None else {BATCH_KEY: batch_id}",
+        "custom_metadata=None",
+        ("tests/integration/test_cli.py",),
+    ),
+    Mutant(
         "a crawl only for a table that is new or whose schema changed",
         "pipeline/catalog.py",
         "if known.get(name) != digest",

@@ -31,7 +31,8 @@ def keys(prefix: str) -> list[str]:
 
 def test_handlers_import_neither_polars_nor_deltalake() -> None:
     code = (
-        "import sys, handlers.check_data_availability, handlers.archive_files, handlers.finish_batch;"
+        "import sys, handlers.check_data_availability, handlers.archive_files, handlers.finish_batch,"
+        " handlers.catalog_changes;"
         "heavy = [m for m in ('polars', 'deltalake', 'pyarrow', 'numpy') if m in sys.modules];"
         "assert not heavy, heavy"
     )
