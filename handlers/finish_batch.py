@@ -128,7 +128,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
     sizes = [entry.size for entries in manifest.files.values() for entry in entries]
     report.cost = _cost(event, report.steps, sizes).to_dict()
     record_loaded(store, manifest, now)
-    record_catalog(store, manifest.batch_id, TABLES)  # its crawls, if it needed any, succeeded
+    record_catalog(store, report.steps)  # its crawls, if it needed any, succeeded
     store.write_bytes(report_key(manifest.batch_id), report.to_json())
     publish_metrics(report)  # once the report is written: a retry after a failure before it adds none
     lines = [f"Batch {report.batch_id} succeeded."]

@@ -524,7 +524,7 @@ def run_step(
         unchanged=kept - inserted - updated,
         rejected=rejected_rows,
         rejected_by_reason=dict(sorted(reasons.items())),
-        delta_version=merged.version if merged else delta.table_version(table_uri(store, spec.name)),
+        delta_version=merged.version if merged else table_changes.version,
         rejected_version=rejected_version,
         seconds=round(time.monotonic() - started, 3),
         extra_columns=extra_columns,

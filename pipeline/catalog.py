@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 
 from pipeline.manifest import MANIFESTS
-from pipeline.report import load_step_report
+from pipeline.report import StepReport, load_step_report
 from pipeline.storage import Store
 
 CATALOG_KEY = f"{MANIFESTS}/_catalog.json"
@@ -34,27 +34,22 @@ def _known(store: Store) -> dict[str, str]:
     return {str(name): str(digest) for name, digest in json.loads(store.read_bytes(CATALOG_KEY)).items()}
 
 
-def _reported(store: Store, batch_id: str, tables: Iterable[str]) -> dict[str, str]:
-    """The schema digests of the batch's step reports (a table without a report yet has none)."""
-    digests: dict[str, str] = {}
-    for table in tables:
-        report = load_step_report(store, batch_id, table)
-        if report is not None:
-            digests.update(report.schemas)
-    return digests
+def _reported(steps: Iterable[StepReport]) -> dict[str, str]:
+    """The schema digests the steps reported, by catalog name."""
+    return {name: digest for step in steps for name, digest in step.schemas.items()}
 
 
 def catalog_changes(store: Store, batch_id: str, tables: Iterable[str]) -> list[str]:
-    """The catalog tables that this batch created or whose schema it changed, as far as the catalog knows."""
+    """The catalog tables that this batch created or whose schema it changed, as far as the catalog knows
+    (a table without a step report yet has no digest)."""
     known = _known(store)
-    return sorted(
-        name for name, digest in _reported(store, batch_id, tables).items() if known.get(name) != digest
-    )
+    steps = [step for step in (load_step_report(store, batch_id, table) for table in tables) if step]
+    return sorted(name for name, digest in _reported(steps).items() if known.get(name) != digest)
 
 
-def record_catalog(store: Store, batch_id: str, tables: Iterable[str]) -> None:
-    """Note that the catalog now holds the batch's tables as its steps reported them."""
-    known = {**_known(store), **_reported(store, batch_id, tables)}
+def record_catalog(store: Store, steps: Iterable[StepReport]) -> None:
+    """Note that the catalog now holds the tables as the batch's steps reported them."""
+    known = {**_known(store), **_reported(steps)}
     store.write_bytes(CATALOG_KEY, json.dumps(known, indent=2, sort_keys=True).encode())
 
 

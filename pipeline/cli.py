@@ -450,12 +450,13 @@ def history(
     """A table's versions, newest first: when, the operation, the batch that wrote it, rows and files."""
     from pipeline import delta
     from pipeline.batch import rejected_uri, table_uri
+    from pipeline.catalog import catalog_name
     from pipeline.errors import UsageError
     from pipeline.specs import TABLES
 
     store = _store(root)
-    names = {**{name: table_uri(store, name) for name in TABLES}}
-    names.update({f"rejected_{name}": rejected_uri(store, name) for name in TABLES})
+    names = {catalog_name(name): table_uri(store, name) for name in TABLES}
+    names.update({catalog_name(name, rejected=True): rejected_uri(store, name) for name in TABLES})
     if table not in names:
         raise UsageError(f"unknown table {table!r}; the tables are {', '.join(names)}")
     commits = delta.history(names[table], limit)

@@ -4,12 +4,12 @@ The prices are data, here and nowhere else, with the date they were taken. No po
 this import path (FinishBatch computes the figure on AWS; ``lakehouse run`` as if on Fargate).
 
 What is measured and what is modelled:
-- Fargate: each step's measured seconds plus ``task_start_seconds`` (Fargate bills from the image
+- Fargate: each step's measured seconds plus ``TASK_START_SECONDS`` (Fargate bills from the image
   pull to the task's end, per second, at least a minute), times the task's vCPU and GB;
 - Glue Python shell (the other runner): the same seconds, at least a minute, times its DPU;
 - Step Functions: the execution's state transitions (counted from its history on AWS; locally, the
   states a batch passes with one poll per wait);
-- the crawlers that ran, each at least ``crawler_minimum_seconds`` of ``crawler_dpu``;
+- the crawlers that ran, each at least ``Prices.crawler_minimum_seconds`` of ``CRAWLER_DPU``;
 - Athena: each check's scanned bytes (on AWS; locally none), at least 10 MB a query;
 - S3 requests, modelled from the batch's files and its commits (``s3_requests``);
 - Lambda: the batch's four invocations (trigger, archive, catalog, finish), one second each.
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.report import StepReport
+from pipeline.storage import DOWNLOAD_PART  # the size of one ranged GET of a raw file
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,6 @@ TASK_START_SECONDS = 30.0  # image pull and interpreter start of a Fargate task,
 CRAWLER_DPU = 1.0  # a crawl of a few Delta tables; AWS allocates crawlers' DPUs itself
 LAMBDA_INVOCATIONS = 4
 LAMBDA_GB = 0.256
-DOWNLOAD_PART = 64 << 20  # the size of one ranged GET of a raw file (pipeline.storage)
 # Object requests besides raw files and data files, per batch: manifest, lock, reports, catalog note
 # (PUT class), and per table open: the log's listing (PUT class) and its commits or checkpoint (GET).
 BOOKKEEPING_PUTS, BOOKKEEPING_GETS = 15, 30

@@ -590,8 +590,9 @@ def table_state(uri: str) -> TableState:
 
 @dataclass(frozen=True)
 class TableChanges:
-    """What the commits since a ``TableState`` did, and the table's schema now."""
+    """What the commits since a ``TableState`` did, and the table's version and schema now."""
 
+    version: int | None
     commits: int
     files_added: int
     files_removed: int
@@ -607,12 +608,13 @@ def changes_since(uri: str, before: TableState) -> TableChanges:
     """
     table = open_table(uri)
     if table is None:
-        return TableChanges(0, 0, 0, None)
+        return TableChanges(None, 0, 0, 0, None)
     with _failures("read the log of", uri):
         files = frozenset(table.file_uris())
-    commits = table.version() - (-1 if before.version is None else before.version)
+    version = table.version()
+    commits = version - (-1 if before.version is None else before.version)
     return TableChanges(
-        commits, len(files - before.files), len(before.files - files), _schema_digest(table, uri)
+        version, commits, len(files - before.files), len(before.files - files), _schema_digest(table, uri)
     )
 
 

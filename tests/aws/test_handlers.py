@@ -254,17 +254,23 @@ def test_an_event_that_finds_another_trigger_starting_is_retried(aws: dict[str, 
     assert len(executions(aws["state_machine"])) == 1
 
 
+def _start_batch(aws: dict[str, Any]) -> str:
+    """Land every dataset's file and let the trigger start their batch; its id."""
+    for key in ALL:
+        put(key)
+    trigger(s3_message(*ALL))
+    (execution,) = executions(aws["state_machine"])
+    return str(execution["name"])
+
+
 def test_a_step_already_done_is_not_run_again(
     aws: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from pipeline.cli import main
 
-    for key in ALL:
-        put(key)
-    trigger(s3_message(*ALL))
-    (execution,) = executions(aws["state_machine"])
-    _write_step_reports(execution["name"])
-    main(["step", "products", "--root", ROOT, "--manifest", execution["name"]])
+    batch_id = _start_batch(aws)
+    _write_step_reports(batch_id)
+    main(["step", "products", "--root", ROOT, "--manifest", batch_id])
     assert "done already" in capsys.readouterr().out
 
 
@@ -303,35 +309,37 @@ def _plan_catalog(batch_id: str) -> dict[str, Any]:
     )
 
 
-def _report_schemas(batch_id: str, schemas: dict[str, dict[str, str]]) -> None:
+def _report_schemas(batch_id: str, schemas: dict[str, dict[str, str]]) -> list[Any]:
+    """Step reports of a batch with these schema digests (saved, and returned as FinishBatch has them)."""
     from pipeline.report import StepReport, save_step_report
 
-    store = open_store(ROOT)
+    store, steps = open_store(ROOT), []
     for table, digests in schemas.items():
         step = StepReport(table, 1, 1, 1, 0, 0, 0, {}, 0, None, 0.1, schemas=digests)
         save_step_report(store, batch_id, step)
+        steps.append(step)
+    return steps
 
 
 def test_crawlers_run_for_new_or_changed_tables_only(aws: dict[str, Any]) -> None:
     from pipeline.catalog import record_catalog
 
     store = open_store(ROOT)
-    tables = ("products", "orders", "order_items")
     first = {"products": {"products": "a"}, "orders": {"orders": "b"}, "order_items": {"order_items": "c"}}
-    _report_schemas("b1", first)
+    steps = _report_schemas("b1", first)
     assert _plan_catalog("b1") == {
         "changed": ["order_items", "orders", "products"],
         "crawlers": ["lake-crawler"],
     }
-    record_catalog(store, "b1", tables)  # FinishBatch, once the batch succeeded
+    record_catalog(store, steps)  # FinishBatch, once the batch succeeded
 
     _report_schemas("b2", first)
     assert _plan_catalog("b2") == {"changed": [], "crawlers": []}
 
     # The first rejected rows of orders create rejected_orders: only the rejected tables' crawler runs.
-    _report_schemas("b3", {**first, "orders": {"orders": "b", "rejected_orders": "r"}})
+    steps = _report_schemas("b3", {**first, "orders": {"orders": "b", "rejected_orders": "r"}})
     assert _plan_catalog("b3") == {"changed": ["rejected_orders"], "crawlers": ["rejected-crawler"]}
-    record_catalog(store, "b3", tables)
+    record_catalog(store, steps)
 
     # A schema change of a lakehouse table and a new rejected table: both crawl.
     _report_schemas("b4", {**first, "products": {"products": "a2", "rejected_products": "s"}})
@@ -346,8 +354,7 @@ def test_a_failed_batch_makes_the_next_one_crawl_everything(aws: dict[str, Any])
 
     store = open_store(ROOT)
     schemas = {"products": {"products": "a", "rejected_products": "r"}, "orders": {"orders": "b"}}
-    _report_schemas("b1", schemas)
-    record_catalog(store, "b1", schemas)
+    record_catalog(store, _report_schemas("b1", schemas))
     _report_schemas("b2", schemas)
     assert _plan_catalog("b2")["crawlers"] == []
     finish_batch.lambda_handler(
@@ -363,12 +370,9 @@ def test_finish_prices_the_batch_on_the_task_it_is_told_of(
     from pipeline.report import load_report
 
     monkeypatch.setenv("LAKEHOUSE_TASK_SIZE", json.dumps({"runner": "glue", "glue_dpu": 0.0625}))
-    for key in ALL:
-        put(key)
-    trigger(s3_message(*ALL))
-    (execution,) = executions(aws["state_machine"])
-    result = _finish(execution["name"])
-    report = load_report(open_store(ROOT), execution["name"])
+    batch_id = _start_batch(aws)
+    result = _finish(batch_id)
+    report = load_report(open_store(ROOT), batch_id)
     assert report is not None
     # Three steps of 0.1 s, billed a minute each at 0.0625 DPU; no execution named: transitions modelled.
     assert report.cost["by_service"]["glue"] == pytest.approx(3 * 60 * 0.0625 / 3600 * 0.44, abs=1e-8)
@@ -396,11 +400,7 @@ def test_finish_publishes_the_batch_s_metrics_per_table_and_reason(
 ) -> None:
     from pipeline.report import StepReport, save_step_report
 
-    for key in ALL:
-        put(key)
-    trigger(s3_message(*ALL))
-    (execution,) = executions(aws["state_machine"])
-    batch_id = execution["name"]
+    batch_id = _start_batch(aws)
     store = open_store(ROOT)
     figures = {"products": (10, 9, 0, 1), "orders": (200, 150, 10, 40), "order_items": (0, 0, 0, 0)}
     for table, (rows_in, inserted, updated, rejected) in figures.items():
