@@ -484,6 +484,38 @@ def history(
 
 
 @app.command()
+def report(
+    root: str = _root_option(),
+    batch: Optional[str] = typer.Option(
+        None, "--batch", help="A finished batch's id (default: the last one)."
+    ),
+    last: int = typer.Option(10, "--last", min=1, help="Batches in the trend: this one and those before it."),
+    out_file: str = typer.Option(..., "--out", help="The HTML file to write (- for stdout)."),
+) -> None:
+    """A finished batch's quality report as one self-contained HTML file (charts drawn offline)."""
+    from pathlib import Path
+
+    from pipeline.errors import UsageError
+    from pipeline.html_report import render, reports_until
+
+    target = None if out_file == "-" else Path(out_file)
+    if target is not None and not target.parent.is_dir():
+        raise UsageError(f"--out {out_file}: the folder {target.parent} does not exist")
+    reports = reports_until(_store(root), batch, last)
+    page = render(reports)
+    if target is None:
+        sys.stdout.write(page)
+        return
+    target.write_text(page, encoding="utf-8")
+    console.print(
+        f"wrote {out_file}: batch {reports[-1].batch_id}, the trend over {len(reports)} batch(es)",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def cost(
     root: str = _root_option(),
     batch: Optional[str] = typer.Option(
