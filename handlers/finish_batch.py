@@ -26,7 +26,14 @@ from pipeline.catalog import forget_catalog, record_catalog
 from pipeline.costs import CostEstimate, TaskSize, cost_line, estimate, local_transitions
 from pipeline.lock import release_lock
 from pipeline.manifest import read_manifest, record_loaded
-from pipeline.report import BatchReport, StepReport, load_step_errors, load_step_report, report_key
+from pipeline.report import (
+    BatchReport,
+    StepReport,
+    gate_notices,
+    load_step_errors,
+    load_step_report,
+    report_key,
+)
 from pipeline.specs import TABLES
 from pipeline.storage import Store, open_store
 from pipeline.trigger import start_ready_batch
@@ -137,6 +144,7 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
             f"{step.table}: {step.rows_in:,} rows in, {step.inserted:,} inserted, {step.updated:,} updated, "
             f"{step.rejected:,} rejected"
         )
+    lines += [f"Gate: {notice}" for notice in gate_notices(report.steps)]
     lines.append("Rows now: " + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items()))
     lines.append(f"Cost on AWS: {cost_line(report.cost)}")
     return {"subject": f"Lakehouse batch {report.batch_id} succeeded", "message": "\n".join(lines)}

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -20,6 +20,7 @@ import polars as pl
 from pipeline import delta
 from pipeline.archive import archive_batch, restore_batch
 from pipeline.catalog import catalog_name
+from pipeline.contract import check_rows
 from pipeline.costs import local_estimate
 from pipeline.dedup import DIGESTS, ORDER, alongside, row_digests, survivor_mask, typed
 from pipeline.errors import (
@@ -30,6 +31,8 @@ from pipeline.errors import (
     StepError,
     UsageError,
 )
+from pipeline.gates import GateSettings, judge, load_settings
+from pipeline.html_report import write_batch_report
 from pipeline.lock import Lock, batch_lock
 from pipeline.manifest import (
     Manifest,
@@ -241,15 +244,59 @@ class _Rejected:
 
     def reasons(self) -> Counter[str]:
         """How many rows have each reason (a row may have several)."""
+        return _reason_counts([self.scan()]) if self.rows else Counter()
+
+    def scan(self) -> pl.LazyFrame:
+        """Every rejected row found so far (there must be one)."""
         if self.staging is None:
-            lazy = pl.concat([frame.lazy().select(REASONS) for frame in self._held])
-        else:
-            lazy = self.staging.scan(self.KIND, 0).select(REASONS)
-        # In Polars: millions of rows at 3x the batch.
-        counted = lazy.select(pl.col(REASONS).explode().value_counts()).unnest(REASONS).collect()
-        return Counter(
-            dict(zip(counted.get_column(REASONS).to_list(), counted.get_column("count").to_list()))
-        )
+            return pl.concat([frame.lazy() for frame in self._held])
+        return self.staging.scan(self.KIND, 0)
+
+
+SAMPLES_PER_REASON = 5
+
+
+def _rejected_summary(
+    rejected: _Rejected, spec: TableSpec
+) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]]]:
+    """The rejected rows by source file and by partition text, and a few of them per reason (for the
+    report: ``pipeline.html_report``)."""
+    if not rejected.rows:
+        return {}, {}, []
+    lazy = rejected.scan()
+    # A malformed row keeps its whole text; another row's text is its columns' again.
+    fields = [pl.col(name).fill_null("") for name in spec.column_names]
+    record = pl.coalesce(pl.col("raw_record"), pl.concat_str(fields, separator=","))
+    by_file, by_partition, samples = pl.collect_all(
+        [
+            lazy.group_by("source_file").len().sort("source_file"),
+            lazy.group_by(pl.col(spec.partition_by).fill_null("")).len().sort(spec.partition_by),
+            lazy.select("source_file", "source_line", REASONS, record.alias("record"))
+            .with_columns(pl.col(REASONS).alias("reason"))
+            .explode("reason")
+            .sort("source_file", "source_line")
+            .group_by("reason", maintain_order=True)
+            .head(SAMPLES_PER_REASON)
+            .unique(["source_file", "source_line"], keep="first", maintain_order=True),
+        ]
+    )
+    return (
+        dict(by_file.iter_rows()),
+        dict(by_partition.iter_rows()),
+        samples.select("source_file", "source_line", REASONS, "record")
+        .rename({REASONS: "reasons"})
+        .to_dicts(),
+    )
+
+
+def _reason_counts(frames: list[pl.LazyFrame]) -> Counter[str]:
+    """How many rows of ``frames`` have each reason (a row may have several)."""
+    if not frames:
+        return Counter()
+    lazy = pl.concat([frame.select(REASONS) for frame in frames])
+    # In Polars: millions of rows at 3x the batch.
+    counted = lazy.select(pl.col(REASONS).explode().drop_nulls().value_counts()).unnest(REASONS).collect()
+    return Counter(dict(zip(counted.get_column(REASONS).to_list(), counted.get_column("count").to_list())))
 
 
 def _same_values(texts: pl.DataFrame, wanted: pl.DataFrame, spec: TableSpec, layout: FileLayout) -> bool:
@@ -286,15 +333,18 @@ def run_step(
     now: datetime | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     plan: Plan | None = None,
+    gates: GateSettings | None = None,
 ) -> StepReport:
     """Validate, deduplicate and integrity-check one table's files of a batch, then MERGE them.
 
     Rejected rows replace whatever this batch rejected before in ``rejected/<table>``, and the MERGE
     changes nothing on a replay, so a step is safe to run again. A table whose files would hold more
     than ``memory_budget`` is resolved bucket by bucket and merged group by group (``plan``, by default
-    from the budget; see ``pipeline.stages``), which gives the very same rows.
+    from the budget; see ``pipeline.stages``), which gives the very same rows. The table's quality gates
+    (``gates``, by default the root's ``lakehouse.toml``) are judged before anything is committed.
     """
     started = time.monotonic()
+    gates = load_settings(store) if gates is None else gates
     clock = StageClock()
     # Where the tables stood: what this step's commits did is priced in the batch's cost estimate.
     states_before = [delta.table_state(uri) for uri in _step_uris(store, spec.name)]
@@ -414,6 +464,7 @@ def run_step(
                 store, spec, staging, plan, rows_per_partition, known, progress
             )
             late_files = staging.parts(LATE)
+            late_reasons = _reason_counts([staging.scan(LATE, part) for part in late_files])
             late_of: Callable[[int], pl.DataFrame] = partial(_take_late, staging)
             rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
             stored_partitions: list[Any] = []
@@ -431,6 +482,7 @@ def run_step(
             theirs = _stored_alongside(store, spec, valid, stored_version)
             keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
             late_rows, late_by_file = late.height, _late_by_file(late, typed_columns)
+            late_reasons = _reason_counts([late.lazy()])
             late_files, late_of = sorted(late_by_file), late_by_file.pop
             del late
             kept = int(keep.sum())
@@ -453,6 +505,7 @@ def run_step(
         else:
             rows, keep, kept, to_merge = pl.DataFrame(), pl.Series("keep", [], pl.Boolean), 0, 0
             late_rows, late_files, late_of, stored_partitions = 0, [], _no_late, []
+            late_reasons = Counter()
             stored_version, none_stored = None, False
 
         clock.mark("resolve")
@@ -462,10 +515,15 @@ def run_step(
                 f"{spec.name}: {rows_in} rows read but {kept} kept and {rejected_rows} rejected; "
                 "refusing to write"
             )
+        # Before any commit: a crossed fail gate leaves the table as it was and the files in raw/.
+        gate_results = judge(
+            gates, spec.name, batch_id, rows_in, rejected_rows, rejected.reasons() + late_reasons
+        )
 
         # The MERGE runs while the late rejects' text is cut out and the rejected rows are written:
         # delta-rs leaves a core idle most of the time and those steps hold the GIL part of theirs.
         # The two commits are independent, each safe to repeat, so their order does not matter.
+        contract = _ContractClock()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge") as merger:
             progress(
                 f"{spec.name}: merging {to_merge:,} rows"
@@ -478,10 +536,13 @@ def run_step(
             if not to_merge:
                 merging = None
             elif staging is not None:
-                merging = merger.submit(_merge_staged, store, spec, staging, plan, moved_from, batch_id)
+                merging = merger.submit(
+                    _merge_staged, store, spec, staging, plan, moved_from, batch_id, contract
+                )
             else:
                 merging = merger.submit(
-                    delta.merge_rows,
+                    _checked_merge,
+                    contract,
                     table_uri(store, spec.name),
                     rows,
                     spec,
@@ -507,6 +568,7 @@ def run_step(
             rejected_version, reasons = _write_rejected(
                 store, spec, batch_id, rejected, now or datetime.now(timezone.utc), progress
             )
+            by_file, by_partition, samples = _rejected_summary(rejected, spec)
             merged = merging.result() if merging else None
         clock.mark("write")
     inserted = merged.inserted if merged else 0
@@ -539,6 +601,11 @@ def run_step(
         files_added=sum(change.files_added for change in changes),
         files_read=sum(change.files_removed for change in changes),
         schemas=_schemas(spec.name, table_changes, rejected_changes),
+        contract_seconds=round(contract.seconds, 3),
+        gates=[result.to_dict() for result in gate_results],
+        rejected_by_file=by_file,
+        rejected_by_partition=by_partition,
+        rejected_samples=samples,
     )
 
 
@@ -765,10 +832,38 @@ def _compacted(parts: list[pl.Series], *, force: bool = False) -> list[pl.Series
     return [pl.concat(parts).unique()]
 
 
-def _merge_staged(
-    store: Store, spec: TableSpec, staging: Staging, plan: Plan, moved_from: list[Any], batch_id: str
+class _ContractClock:
+    """Checks rows against the table's contract (``pipeline.contract``) and adds up the seconds it took."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def check(self, rows: pl.DataFrame, spec: TableSpec, *, keep: pl.Series | None, where: str) -> None:
+        started = time.monotonic()
+        check_rows(rows, spec, keep=keep, where=where)
+        self.seconds += time.monotonic() - started
+
+
+def _checked_merge(
+    contract: _ContractClock, uri: str, rows: pl.DataFrame, spec: TableSpec, **merge: Any
 ) -> delta.MergeResult:
-    """MERGE the staged survivors group by group, then the moving keys; the sums of what they did."""
+    """MERGE ``rows`` once they are checked against the contract (both in the merge's thread: the check
+    overlaps the late rejects' text recovery on the step's)."""
+    contract.check(rows, spec, keep=merge.get("keep"), where="the merge")
+    return delta.merge_rows(uri, rows, spec, **merge)
+
+
+def _merge_staged(
+    store: Store,
+    spec: TableSpec,
+    staging: Staging,
+    plan: Plan,
+    moved_from: list[Any],
+    batch_id: str,
+    contract: _ContractClock,
+) -> delta.MergeResult:
+    """MERGE the staged survivors group by group, then the moving keys, each checked against the contract
+    first; the sums of what they did."""
     uri = table_uri(store, spec.name)
     names = {typed(name): name for name in spec.column_names}
     inserted = updated = 0
@@ -777,10 +872,10 @@ def _merge_staged(
         rows = staging.take("resolved", part) if part is not None else staging.take("moves", 0)
         if rows is None:
             continue
+        rows = rows.rename(names)
+        contract.check(rows, spec, keep=None, where="the moving keys" if part is None else f"group {part}")
         # The group's own partitions are its predicate; the moving keys' also name where they leave.
-        merged = delta.merge_rows(
-            uri, rows.rename(names), spec, stored_partitions=stored_partitions, batch_id=batch_id
-        )
+        merged = delta.merge_rows(uri, rows, spec, stored_partitions=stored_partitions, batch_id=batch_id)
         del rows
         inserted, updated, version = inserted + merged.inserted, updated + merged.updated, merged.version
     return delta.MergeResult(inserted, updated, version)
@@ -857,12 +952,15 @@ def run_batch(
     force: bool = False,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     plan: Plan | None = None,
+    gates: GateSettings | None = None,
+    accept_gates: bool = False,
 ) -> BatchReport:
     """Process one batch: resume the unfinished one if there is one, else snapshot ``raw/``.
 
     Any failure raises with the step named; raw files stay in ``raw/`` until every step has
     committed, and running again resumes the same batch. Files whose content a succeeded batch
-    loaded already are skipped (and archived) unless ``force``. ``memory_budget`` and ``plan`` are
+    loaded already are skipped (and archived) unless ``force``. ``memory_budget``, ``plan`` and ``gates``
+    (by default the root's ``lakehouse.toml``; ``accept_gates`` lands the batch whatever they say) are
     passed to each step (``run_step``).
     """
     started_at = now or datetime.now(timezone.utc)
@@ -876,6 +974,9 @@ def run_batch(
 
     if not unfinished_manifests(store):
         raw_files(store)  # nothing to load writes nothing: no lock in a folder that is no lakehouse
+    gates = load_settings(store) if gates is None else gates
+    if accept_gates:
+        gates = replace(gates, accept=True)
     with batch_lock(store, batch_id, notify=note) as lock:
         pending = unfinished_manifests(store)
         if pending:
@@ -902,7 +1003,14 @@ def run_batch(
             if report is None:
                 _still_held(lock)
                 step = partial(
-                    run_step, store, manifest, spec, progress=progress, memory_budget=memory_budget, plan=plan
+                    run_step,
+                    store,
+                    manifest,
+                    spec,
+                    progress=progress,
+                    memory_budget=memory_budget,
+                    plan=plan,
+                    gates=gates,
                 )
                 report = _guard(spec.name, step)
                 save_step_report(store, manifest.batch_id, report)
@@ -938,6 +1046,10 @@ def run_batch(
             ).to_dict(),
         )
         store.write_bytes(report_key(manifest.batch_id), batch_report.to_json())
+        try:
+            write_batch_report(store, manifest.batch_id, report=batch_report)
+        except Exception as error:  # the batch has landed: a page that could not be drawn is only a note
+            note(f"the HTML report of batch {manifest.batch_id} could not be written: {error}")
         return batch_report
 
 

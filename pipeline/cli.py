@@ -19,6 +19,7 @@ from rich.text import Text
 from pipeline.errors import LakehouseError, describe
 
 if TYPE_CHECKING:
+    from pipeline.gates import GateSettings
     from pipeline.progress import Progress
     from pipeline.report import BatchReport, StepReport
     from pipeline.storage import Store
@@ -296,6 +297,48 @@ def _memory_budget(value: str) -> str:
     return value
 
 
+def _accept_gates_option() -> Any:
+    return typer.Option(
+        False,
+        "--accept-gates",
+        help="Land the batch even where a table crosses a fail gate (recorded as accepted in its report).",
+    )
+
+
+def _fail_percent_option() -> Any:
+    return typer.Option(
+        None,
+        "--fail-percent",
+        min=0,
+        max=100,
+        help="Fail a table whose rejected rows are more than this % of its rows in "
+        "(default 10, or lakehouse.toml's).",
+    )
+
+
+def _warn_percent_option() -> Any:
+    return typer.Option(
+        None,
+        "--warn-percent",
+        min=0,
+        max=100,
+        help="Warn about a table whose rejected rows are more than this % of its rows in "
+        "(default 1, or lakehouse.toml's).",
+    )
+
+
+def _gate_settings(
+    store: Store, accept: bool, fail_percent: Optional[float], warn_percent: Optional[float]
+) -> GateSettings:
+    """The root's lakehouse.toml gates with the command line's on top."""
+    from dataclasses import replace
+
+    from pipeline.gates import load_settings
+
+    settings = load_settings(store).with_limits(fail_percent=fail_percent, warn_percent=warn_percent)
+    return replace(settings, accept=True) if accept else settings
+
+
 @app.command()
 def run(
     root: str = _root_option(),
@@ -305,13 +348,19 @@ def run(
     memory_budget: str = typer.Option(
         MEMORY_BUDGET_DEFAULT, "--memory-budget", help=MEMORY_BUDGET_HELP, callback=_memory_budget
     ),
+    accept_gates: bool = _accept_gates_option(),
+    fail_percent: Optional[float] = _fail_percent_option(),
+    warn_percent: Optional[float] = _warn_percent_option(),
 ) -> None:
     """Process one batch: every CSV now in ROOT/raw/ (or resume the unfinished batch)."""
     from pipeline.batch import run_batch
 
     store = _store(root)
+    gates = _gate_settings(store, accept_gates, fail_percent, warn_percent)
     with _working("starting") as progress:
-        report = run_batch(store, progress=progress, force=force, memory_budget=parse_size(memory_budget))
+        report = run_batch(
+            store, progress=progress, force=force, memory_budget=parse_size(memory_budget), gates=gates
+        )
     _print_summary(report)
     if json_logs():
         log_event("info", "batch_report", _batch_line(report), batch=report.batch_id, report=asdict(report))
@@ -327,6 +376,9 @@ def step(
     memory_budget: str = typer.Option(
         MEMORY_BUDGET_DEFAULT, "--memory-budget", help=MEMORY_BUDGET_HELP, callback=_memory_budget
     ),
+    accept_gates: bool = _accept_gates_option(),
+    fail_percent: Optional[float] = _fail_percent_option(),
+    warn_percent: Optional[float] = _warn_percent_option(),
 ) -> None:
     """Run one table's step of a batch (what a Fargate task or Glue job runs)."""
     from pipeline.batch import load_step_report, run_step, save_step_report
@@ -348,7 +400,14 @@ def step(
         return
     with _working(f"{table}") as progress:
         try:
-            report = run_step(store, batch, spec, progress=progress, memory_budget=parse_size(memory_budget))
+            report = run_step(
+                store,
+                batch,
+                spec,
+                progress=progress,
+                memory_budget=parse_size(memory_budget),
+                gates=_gate_settings(store, accept_gates, fail_percent, warn_percent),
+            )
         except Exception as error:
             failure = StepError(table, error) if isinstance(error, LakehouseError) else error
             # On AWS the task's own failure says only that the container exited: the cause is kept here.
@@ -360,6 +419,7 @@ def step(
     save_step_report(store, batch.batch_id, report)
     forget_step_error(store, batch.batch_id, spec.name)
     _print_steps([report])
+    _print_gates([report])
     if json_logs():
         log_event(
             "info",
@@ -481,6 +541,24 @@ def history(
             f"+{commit.files_added:,} -{commit.files_removed:,}",
         )
     out.print(listing)
+
+
+def _contract_format(value: str) -> str:
+    if value not in ("json", "yaml"):
+        raise typer.BadParameter(f"{value!r} is not json or yaml")
+    return value
+
+
+@app.command()
+def contract(
+    output_format: str = typer.Option(
+        "json", "--format", help="json or yaml.", callback=_contract_format, metavar="FORMAT"
+    ),
+) -> None:
+    """The tables' contract for consumers: each table's pandera schema and a JSON Schema of its rows."""
+    from pipeline.contract import contract_document
+
+    typer.echo(contract_document(output_format), nl=output_format != "yaml")
 
 
 @app.command()
@@ -754,6 +832,7 @@ def _print_steps(steps: list[StepReport]) -> None:
 
 def _print_summary(report: BatchReport) -> None:
     _print_steps(report.steps)
+    _print_gates(report.steps)
     for note in report.notes:
         out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     out.print(_batch_line(report), highlight=False, markup=False)
@@ -761,6 +840,13 @@ def _print_summary(report: BatchReport) -> None:
         from pipeline.costs import cost_line
 
         out.print(f"cost on AWS: {cost_line(report.cost)}", highlight=False, markup=False)
+
+
+def _print_gates(steps: list[StepReport]) -> None:
+    from pipeline.report import gate_notices
+
+    for notice in gate_notices(steps):
+        out.print(f"gate: {notice}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _batch_line(report: BatchReport) -> str:

@@ -42,6 +42,18 @@ class StepReport:
     schemas: dict[str, str] = field(default_factory=dict)
     """The catalog's names of this step's tables (``products``, ``rejected_products``) that exist after it,
     with a digest of their schemas: whether a crawl is needed (``pipeline.catalog``)."""
+    rejected_by_file: dict[str, int] = field(default_factory=dict)
+    """Rejected rows by the key of the file they came from."""
+    rejected_by_partition: dict[str, int] = field(default_factory=dict)
+    """Rejected rows by the text of their partition column (``date`` or ``department_id``); ``""`` where
+    the row had none (a malformed row, an empty value)."""
+    rejected_samples: list[dict[str, Any]] = field(default_factory=list)
+    """A few rejected rows per reason: ``source_file``, ``source_line``, ``reasons`` and ``record`` (the
+    row's original text)."""
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    """The quality gates judged on this step (``pipeline.gates.GateResult`` as dicts)."""
+    contract_seconds: float = 0.0
+    """Seconds spent checking the rows to commit against the table's contract (``pipeline.contract``)."""
 
 
 @dataclass
@@ -62,6 +74,18 @@ class BatchReport:
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()
+
+
+def gate_notices(steps: list[StepReport]) -> list[str]:
+    """A sentence for each gate the steps crossed and landed anyway (warned, or failed but accepted)."""
+    from pipeline.gates import GateResult
+
+    return [
+        GateResult(**gate).sentence()
+        for step in steps
+        for gate in step.gates
+        if gate["outcome"] in ("warned", "accepted")
+    ]
 
 
 def step_report_key(batch_id: str, table: str) -> str:

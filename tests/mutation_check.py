@@ -32,6 +32,27 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "the contract's primary key is unique among the rows committed",
+        "pipeline/contract.py",
+        "- key.filter(selected).n_unique().cast(pl.Int64)",
+        "- (pl.len() if keep is None else selected.sum()).cast(pl.Int64)",
+        ("tests/unit/test_contract.py",),
+    ),
+    Mutant(
+        "the contract's columns are not null unless the spec says so",
+        "pipeline/contract.py",
+        'rules[f"{name} not null"] = value.is_null()',
+        'rules[f"{name} not null"] = value.is_null() & False',
+        ("tests/unit/test_contract.py",),
+    ),
+    Mutant(
+        "every merge is checked against the contract first",
+        "pipeline/batch.py",
+        '    contract.check(rows, spec, keep=merge.get("keep"), where="the merge")\n',
+        "",
+        ("tests/unit/test_contract.py",),
+    ),
+    Mutant(
         "every commit carries the batch that wrote it",
         "pipeline/delta.py",
         "custom_metadata=None if batch_id is None else {BATCH_KEY: batch_id}",

@@ -55,6 +55,8 @@ def _lock() -> dict[str, str]:
 def test_the_image_pins_every_dependency_within_the_project_ranges() -> None:
     pins = _lock()
     for requirement in _project_dependencies():
+        if requirement.marker is not None and not requirement.marker.evaluate({"python_version": "3.12"}):
+            continue  # not installed on the image's Python (3.12), as tomli
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement.name} is not in the lock containers/requirements.txt"
         assert requirement.specifier.contains(pins[name]), (requirement, pins[name])
