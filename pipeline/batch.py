@@ -1045,11 +1045,13 @@ def run_batch(
                 steps, [entry.size for entries in manifest.files.values() for entry in entries], len(counts)
             ).to_dict(),
         )
-        store.write_bytes(report_key(manifest.batch_id), batch_report.to_json())
+        # The page before the JSON report: that one is the batch's last write, which finishes it, so a run
+        # killed in between resumes and writes both.
         try:
             write_batch_report(store, manifest.batch_id, report=batch_report)
-        except Exception as error:  # the batch has landed: a page that could not be drawn is only a note
+        except Exception as error:  # the tables have landed: a page that could not be drawn is only a note
             note(f"the HTML report of batch {manifest.batch_id} could not be written: {error}")
+        store.write_bytes(report_key(manifest.batch_id), batch_report.to_json())
         return batch_report
 
 
