@@ -1,8 +1,8 @@
 """FinishBatch: the state machine's last step, on success and on failure.
 
-Writes the batch's final report and publishes its metrics, notes what the Glue catalog now holds
-(``pipeline.catalog``), releases the root's batch lock, composes the SNS message and, after a success,
-starts the next batch if files landed meanwhile. Input:
+Writes the batch's final report (JSON, and its HTML page) and publishes its metrics, notes what the
+Glue catalog now holds (``pipeline.catalog``), releases the root's batch lock, composes the SNS message
+and, after a success, starts the next batch if files landed meanwhile. Input:
 ``{"root", "batch_id", "manifest", "status": "SUCCEEDED" | "FAILED", "counts"?: [{"table", "rows",
 "statistics"?}], "crawled"?: [crawler names], "execution"?: ARN, "error"?: str, "cause"?: str}``.
 Environment: as CheckDataAvailability (``LAKEHOUSE_ROOT``, ``STATE_MACHINE_ARN``), for starting the
@@ -24,6 +24,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from handlers.check_data_availability import execution_alive, start_execution
 from pipeline.catalog import forget_catalog, record_catalog
 from pipeline.costs import CostEstimate, TaskSize, cost_line, estimate, local_transitions
+from pipeline.html_report import write_batch_report
 from pipeline.lock import release_lock
 from pipeline.manifest import read_manifest, record_loaded
 from pipeline.report import (
@@ -136,6 +137,8 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
     report.cost = _cost(event, report.steps, sizes).to_dict()
     record_loaded(store, manifest, now)
     record_catalog(store, report.steps)  # its crawls, if it needed any, succeeded
+    # The page before the JSON report, as run_batch does: a retry after a failure in between writes both.
+    drawn = _write_html_report(store, report)
     store.write_bytes(report_key(manifest.batch_id), report.to_json())
     publish_metrics(report)  # once the report is written: a retry after a failure before it adds none
     lines = [f"Batch {report.batch_id} succeeded."]
@@ -147,7 +150,19 @@ def _success(store: Store, event: dict[str, Any], now: datetime) -> dict[str, An
     lines += [f"Gate: {notice}" for notice in gate_notices(report.steps)]
     lines.append("Rows now: " + ", ".join(f"{t} {n:,}" for t, n in report.table_counts.items()))
     lines.append(f"Cost on AWS: {cost_line(report.cost)}")
+    lines.append(f"Report: {drawn}")
     return {"subject": f"Lakehouse batch {report.batch_id} succeeded", "message": "\n".join(lines)}
+
+
+def _write_html_report(store: Store, report: BatchReport) -> str:
+    """Write ``reports/<batch_id>.html``; say where it is, or why there is none (the batch has landed:
+    a page that could not be drawn does not fail it)."""
+    try:
+        key = write_batch_report(store, report.batch_id, report=report)
+    except Exception as error:
+        logger.exception("the HTML report could not be written", extra={"batch_id": report.batch_id})
+        return f"none (the HTML report could not be written: {error})"
+    return store.uri(key)
 
 
 def _failure(store: Store, event: dict[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,20 @@ def log_event(level: str, event: str, message: str, **fields: Any) -> None:
         sys.stderr.flush()
 
 
+# What a logged report leaves out: the rejected records' text (user data, kept in rejected/) and the
+# maps that grow with the batch (a day or a file each); reports/<batch_id>.json has them all.
+_UNLOGGED_STEP_FIELDS = ("rejected_samples", "rejected_by_partition", "rejected_by_file")
+
+
+def _logged(report: BatchReport | StepReport) -> dict[str, Any]:
+    """``report`` as a log event's field: its figures without the rejected rows' text or per-day maps."""
+    fields = asdict(report)
+    for step in fields.get("steps", [fields]):
+        for name in _UNLOGGED_STEP_FIELDS:
+            step.pop(name, None)
+    return fields
+
+
 _LOG_LOCK = threading.Lock()
 HEARTBEAT_SECONDS = 30.0  # a JSON log says what a long stage is doing (and its memory) this often
 
@@ -363,7 +377,7 @@ def run(
         )
     _print_summary(report)
     if json_logs():
-        log_event("info", "batch_report", _batch_line(report), batch=report.batch_id, report=asdict(report))
+        log_event("info", "batch_report", _batch_line(report), batch=report.batch_id, report=_logged(report))
 
 
 @app.command()
@@ -428,7 +442,7 @@ def step(
             table=report.table,
             rows=report.rows_in,
             seconds=report.seconds,
-            report=asdict(report),
+            report=_logged(report),
         )
 
 

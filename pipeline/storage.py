@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from pipeline.errors import StorageError, UsageError
@@ -85,6 +85,9 @@ class Store(Protocol):
 
 
 DOWNLOAD_PREFIX = "lakehouse-"
+# What an S3 object the project writes is served as (S3 says binary/octet-stream otherwise, and a browser
+# then downloads reports/<batch_id>.html instead of showing it).
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json"}
 DOWNLOAD_PART = 64 << 20
 
 
@@ -351,6 +354,9 @@ class S3Store:
         from botocore.exceptions import BotoCoreError, ClientError
 
         extra = {"IfNoneMatch": "*"} if if_absent else {}
+        content_type = CONTENT_TYPES.get(PurePosixPath(key).suffix)
+        if content_type:
+            extra["ContentType"] = content_type
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except ClientError as error:

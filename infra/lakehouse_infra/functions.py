@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Aws, Duration
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_iam as iam
@@ -12,9 +14,22 @@ from constructs import Construct
 from lakehouse_infra import powertools as powertools_layer
 from lakehouse_infra.config import LakehouseConfig
 from lakehouse_infra.log_groups import log_group
-from lakehouse_infra.sources import LAMBDA_ASSET_EXCLUDES, PROJECT_ROOT
+from lakehouse_infra.sources import LAMBDA_ASSET_EXCLUDES, PROJECT_ROOT, report_layer
 
 RUNTIME = lambda_.Runtime.PYTHON_3_12
+
+
+def report_libraries(scope: Construct) -> lambda_.LayerVersion:
+    """The layer FinishBatch draws the HTML report with: plotly and its dependencies, pinned by the image's
+    lock (pure Python, installed by pip at synth: no Docker)."""
+    return lambda_.LayerVersion(
+        scope,
+        "ReportLibraries",
+        code=lambda_.Code.from_asset(str(report_layer())),
+        compatible_runtimes=[RUNTIME],
+        compatible_architectures=[lambda_.Architecture.ARM_64],
+        description="plotly for FinishBatch's HTML quality report (reports/<batch_id>.html)",
+    )
 
 
 class HandlerFunction(Construct):
@@ -32,6 +47,7 @@ class HandlerFunction(Construct):
         key: kms.IKey,
         config: LakehouseConfig,
         memory_size: int = 256,
+        layers: Sequence[lambda_.ILayerVersion] = (),
     ) -> None:
         super().__init__(scope, construct_id)
         self.log_group = log_group(self, "Logs", key=key, config=config)
@@ -66,7 +82,7 @@ class HandlerFunction(Construct):
             architecture=lambda_.Architecture.ARM_64,
             handler=handler,
             code=lambda_.Code.from_asset(str(PROJECT_ROOT), exclude=LAMBDA_ASSET_EXCLUDES),
-            layers=[powertools],
+            layers=[powertools, *layers],
             memory_size=memory_size,
             timeout=timeout,
             environment={"POWERTOOLS_SERVICE_NAME": "ecommerce-lakehouse", **environment},

@@ -86,6 +86,64 @@ def glue_artifacts() -> Path:
     return wheels
 
 
+# FinishBatch draws reports/<batch_id>.html (pipeline/html_report.py) with these: pure-Python wheels, so
+# pip installs the image's lock's pins for the Lambda's platform without Docker.
+REPORT_PACKAGES = ("plotly", "narwhals", "packaging")
+CONTAINER_LOCK = PROJECT_ROOT / "containers" / "requirements.txt"
+LAMBDA_PLATFORM = ("--platform", "manylinux2014_aarch64", "--python-version", "3.12")
+
+
+def pinned_requirements(names: tuple[str, ...], lock: str) -> list[str]:
+    """The lock's lines for ``names`` (``name==version --hash=... --hash=...``), in that order."""
+    found = {}
+    for entry in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)((?:\s*\\\n\s+--hash=\S+)+)", lock, re.MULTILINE):
+        hashes = re.findall(r"--hash=\S+", entry.group(3))
+        found[entry.group(1).lower()] = f"{entry.group(1)}=={entry.group(2)} {' '.join(hashes)}"
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise RuntimeError(f"{CONTAINER_LOCK} pins no {', '.join(missing)} (with hashes)")
+    return [found[name] for name in names]
+
+
+@lru_cache(maxsize=1)
+def report_layer() -> Path:
+    """A Lambda layer folder (``python/``) with the report's libraries at the versions the image pins.
+
+    pip checks every wheel against the lock's hashes and installs no dependency the lock does not name
+    (``--no-deps``): a new dependency of plotly fails here, not in the deployed function.
+    """
+    out = Path(tempfile.mkdtemp(prefix="lakehouse-report-layer-"))
+    requirements = out / "requirements.txt"
+    pins = pinned_requirements(REPORT_PACKAGES, CONTAINER_LOCK.read_text())
+    requirements.write_text("\n".join(pins) + "\n")
+    layer = out / "layer"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-compile",
+            "--require-hashes",
+            "--only-binary=:all:",
+            *LAMBDA_PLATFORM,
+            "--target",
+            str(layer / "python"),
+            "-r",
+            str(requirements),
+        ],
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"installing the report's libraries for FinishBatch failed:\n{done.stderr}")
+    return layer
+
+
 def wheel_name(folder: Path) -> str:
     """The one wheel in ``folder``."""
     (wheel,) = folder.glob("*.whl")

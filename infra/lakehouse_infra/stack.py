@@ -15,7 +15,7 @@ from constructs import Construct
 
 from lakehouse_infra.catalog import DATABASE, WORKGROUP, LakehouseCatalog
 from lakehouse_infra.config import LakehouseConfig
-from lakehouse_infra.functions import HandlerFunction
+from lakehouse_infra.functions import HandlerFunction, report_libraries
 from lakehouse_infra.ingest import RawFileEvents
 from lakehouse_infra.orchestration import EtlStateMachine, Notifications, execution_arns, state_machine_arn
 from lakehouse_infra.runners import CONTAINER_NAME, FargateRunner, GlueRunner
@@ -75,6 +75,7 @@ class LakehouseStack(Stack):
             timeout=Duration.minutes(2),
             key=key,
             config=config,
+            layers=[report_libraries(self)],
         )
 
         substitutions = {

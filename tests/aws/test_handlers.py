@@ -217,7 +217,7 @@ def test_the_same_files_again_after_their_batch_finished_are_skipped_and_free_th
     store = open_store(ROOT)
     assert store.stat(LOCK_KEY) is None
     assert keys("raw/") == []
-    reports = [key for key in keys("reports/") if key.count("/") == 1]
+    reports = [key for key in keys("reports/") if key.count("/") == 1 and key.endswith(".json")]
     assert len(reports) == 2
     put("raw/orders/o3.csv", b"h\n3\n")
     for key in ("raw/products/p.csv", "raw/order_items/i.csv"):
@@ -439,3 +439,33 @@ def test_finish_publishes_the_batch_s_metrics_per_table_and_reason(
     assert by_reason == {("orders", "duplicate_key"): 15, ("orders", "null:user_id"): 30}
     (batch,) = [blob for blob in blobs if "BatchSeconds" in blob]
     assert batch["EstimatedCostUSD"] > 0 and "table" not in batch
+
+
+def test_finish_writes_the_html_report_served_as_html_before_the_json_one(aws: dict[str, Any]) -> None:
+    batch_id = _start_batch(aws)
+    result = _finish(batch_id)
+    s3 = boto3.client("s3")
+    page = s3.get_object(Bucket=BUCKET, Key=f"lakehouse/reports/{batch_id}.html")
+    assert page["ContentType"] == "text/html; charset=utf-8"  # a browser opening it from S3 shows it
+    text = page["Body"].read().decode()
+    assert text.startswith("<!DOCTYPE html>") and batch_id in text and "Plotly.newPlot" in text
+    json_report = s3.get_object(Bucket=BUCKET, Key=f"lakehouse/reports/{batch_id}.json")
+    assert json_report["ContentType"] == "application/json"
+    # The JSON report finishes the batch: it is written last.
+    assert page["LastModified"] <= json_report["LastModified"]
+    assert f"Report: s3://{BUCKET}/lakehouse/reports/{batch_id}.html" in result["message"]
+
+
+def test_a_report_that_cannot_be_drawn_does_not_fail_the_batch(
+    aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.report import load_report
+
+    monkeypatch.setitem(sys.modules, "plotly", None)  # as in a Lambda deployed without the report layer
+    batch_id = _start_batch(aws)
+    result = _finish(batch_id)
+    assert "succeeded" in result["subject"]
+    assert "Report: none (the HTML report could not be written: " in result["message"]
+    assert load_report(open_store(ROOT), batch_id) is not None
+    assert f"reports/{batch_id}.json" in keys("reports/")
+    assert not [key for key in keys("reports/") if key.endswith(".html")]

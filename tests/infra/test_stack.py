@@ -185,6 +185,56 @@ def test_handlers_run_on_arm64_python_312_with_tracing_and_point_at_real_functio
         assert callable(getattr(importlib.import_module(module), name))
 
 
+def test_finish_batch_alone_has_the_report_layer_built_from_the_image_s_pins(template: Template) -> None:
+    (layer_id, layer), *others = resources(
+        template, "AWS::Lambda::LayerVersion", {"Description": Match.string_like_regexp("plotly")}
+    ).items()
+    assert not others
+    assert layer["Properties"]["CompatibleRuntimes"] == ["python3.12"]
+    assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
+    with_it = [
+        function["Properties"]["Handler"]
+        for function in resources(template, "AWS::Lambda::Function").values()
+        if {"Ref": layer_id} in function["Properties"].get("Layers", [])
+    ]
+    assert with_it == ["handlers.finish_batch.lambda_handler"]
+
+
+def test_the_report_layer_alone_draws_a_report_at_the_lock_s_versions() -> None:
+    """With no site-packages but the layer's (as in the Lambda, whose runtime has no plotly)."""
+    import subprocess
+    import sys
+
+    from lakehouse_infra.sources import CONTAINER_LOCK, PROJECT_ROOT, REPORT_PACKAGES, report_layer
+
+    layer = report_layer() / "python"
+    lock = CONTAINER_LOCK.read_text()
+    for name in REPORT_PACKAGES:
+        (installed,) = layer.glob(f"{name}-*.dist-info")
+        version = installed.name.removesuffix(".dist-info").split("-", 1)[1]
+        assert f"\n{name}=={version} " in lock
+    code = (
+        f"import sys; sys.path[:0] = [{str(layer)!r}, {str(PROJECT_ROOT)!r}];"
+        "from pipeline.html_report import render; from pipeline.report import BatchReport, StepReport;"
+        "import plotly; assert plotly.__file__.startswith(sys.path[0]), plotly.__file__;"
+        "step = StepReport('orders', 1, 10, 9, 0, 0, 1, {'null:user_id': 1}, 0, 0, 0.1);"
+        "page = render([BatchReport('b1', 'succeeded', '2026-01-01T00:00:00+00:00',"
+        " '2026-01-01T00:00:01+00:00', 1.0, [step], 1, {'orders': 9})]);"
+        "assert 'Plotly.newPlot' in page and 'null:user_id' in page"
+    )
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_report_package_the_lock_does_not_pin_is_an_error() -> None:
+    from lakehouse_infra.sources import pinned_requirements
+
+    lock = "plotly==7.1.0 \\\n    --hash=sha256:aa \\\n    --hash=sha256:bb\n    # via x\nnarwhals==2.0\n"
+    assert pinned_requirements(("plotly",), lock) == ["plotly==7.1.0 --hash=sha256:aa --hash=sha256:bb"]
+    with pytest.raises(RuntimeError, match="pins no narwhals"):  # a pin without hashes is none
+        pinned_requirements(("plotly", "narwhals"), lock)
+
+
 def test_log_groups_have_retention_and_the_stacks_key(template: Template) -> None:
     groups = resources(template, "AWS::Logs::LogGroup")
     assert groups

@@ -104,6 +104,12 @@ def test_a_json_log_has_one_object_per_event_and_the_report_last(
     assert {event["command"] for event in events} == {"run"}
     report = _only_report(root)
     assert events[-1]["event"] == "batch_report" and events[-1]["report"]["batch_id"] == report.batch_id
+    # The log has the figures, not the rejected records' text (user data) nor the per-day and per-file maps.
+    logged = events[-1]["report"]["steps"]
+    assert [step["rejected"] for step in logged] == [step.rejected for step in report.steps]
+    assert all(step.rejected_samples for step in report.steps)
+    unlogged = {"rejected_samples", "rejected_by_partition", "rejected_by_file"}
+    assert not unlogged & {name for step in logged for name in step}
     assert {event["batch"] for event in events[1:]} == {report.batch_id}
     finished = {event["table"]: event for event in events if event["event"] == "step_finished"}
     assert list(finished) == ["products", "orders", "order_items"]
