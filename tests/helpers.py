@@ -16,6 +16,17 @@ ITEMS_HEADER = (
 HEADERS = {"products": PRODUCTS_HEADER, "orders": ORDERS_HEADER, "order_items": ITEMS_HEADER}
 
 
+def run_cli(*args: str) -> int:
+    """``lakehouse ARGS`` in this process; its exit code."""
+    from pipeline.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
 def write_raw(
     root: Path, table: str, name: str, *lines: str, header: str | None = None, newline: str = "\n"
 ) -> Path:

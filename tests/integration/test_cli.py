@@ -11,16 +11,8 @@ import pytest
 
 from pipeline import delta
 from pipeline.batch import rejected_uri, table_uri
-from pipeline.cli import main
 from pipeline.storage import open_store
-
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
+from tests.helpers import run_cli
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from pipeline.manifest import Manifest
 from pipeline.report import BatchReport, StepReport, load_report
 from pipeline.specs import TableSpec
 from pipeline.storage import Store, open_store
-from tests.integration.test_cli import run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.batch import run_batch
-from pipeline.cli import main
 from pipeline.errors import StepError, UsageError
 from pipeline.gates import CONFIG_KEY, GateFailedError, GateSettings, judge, known_reasons, parse_settings
 from pipeline.manifest import unfinished_manifests
 from pipeline.report import load_step_report
 from pipeline.specs import TABLES
 from pipeline.storage import open_store
-from tests.helpers import write_raw
+from tests.helpers import run_cli, write_raw
 
 
 def outcomes(results: list) -> list[tuple]:
@@ -181,27 +180,24 @@ def test_a_batch_listed_in_the_file_is_accepted(root: Path) -> None:
     assert step is not None and step.gates[0]["outcome"] == "accepted"
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
+def run_captured(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``lakehouse ARGS``: its exit code and what it printed (stdout and stderr)."""
+    code = run_cli(*args)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
 
 def test_warnings_reach_the_summary_and_the_report(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dirty_orders(root, bad=2, gates="[gates.tables.orders]\nfail_percent = 50\n")
-    code, output = run_cli(capsys, "run", "--root", str(root))
+    code, output = run_captured(capsys, "run", "--root", str(root))
     assert code == 0, output
     assert "gate: orders: 16.67% rows rejected, warning: above the warn gate of 1.00%" in output
 
 
 def test_the_command_line_sets_the_gates_of_a_run(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dirty_orders(root, bad=1, good=30)  # 3.2%
-    code, output = run_cli(capsys, "run", "--root", str(root), "--fail-percent", "3")
+    code, output = run_captured(capsys, "run", "--root", str(root), "--fail-percent", "3")
     assert code == 1
     assert "orders: 3.23% rows rejected, failed: above the fail gate of 3.00%" in " ".join(output.split())
-    assert run_cli(capsys, "run", "--root", str(root), "--fail-percent", "300")[0] == 2
-    assert run_cli(capsys, "run", "--root", str(root), "--accept-gates")[0] == 0
+    assert run_captured(capsys, "run", "--root", str(root), "--fail-percent", "300")[0] == 2
+    assert run_captured(capsys, "run", "--root", str(root), "--accept-gates")[0] == 0

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.html_report import TOP, html_report_key, render, reports_until, write_batch_report
 from pipeline.report import BatchReport, StepReport, report_key
 from pipeline.storage import open_store
+from tests.helpers import run_cli
 
 HOSTILE = "</script><script>alert(1)</script>"
 
@@ -221,14 +221,6 @@ def test_write_batch_report_trends_over_that_batch_and_the_ones_before(root: Pat
     write_batch_report(store, unsaved.batch_id, report=unsaved)
     assert unsaved.batch_id in (root / html_report_key(unsaved.batch_id)).read_text()
     assert [report.batch_id for report in reports_until(store, None, 2)] == ids[3:]
-
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
 
 
 def test_the_report_command(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
