@@ -930,13 +930,21 @@ def check_tables(store: Store) -> dict[str, int]:
 def maintain_tables(
     store: Store, *, retention_hours: int = 168, progress: Progress = _quiet
 ) -> dict[str, delta.MaintenanceResult]:
-    """Compact, vacuum and checkpoint every lakehouse and rejected table of ``store``."""
+    """Compact, vacuum and checkpoint every lakehouse and rejected table of ``store``, holding the
+    root's batch lock (``BatchLockedError`` while a batch runs): an OPTIMIZE beside a batch's commit of
+    files written earlier can keep both the compacted rows and the new ones, doubling rows."""
+    tables = [
+        (name, uri)
+        for table in TABLES
+        for name, uri in ((table, table_uri(store, table)), (f"rejected/{table}", rejected_uri(store, table)))
+        if delta.table_version(uri) is not None
+    ]
     results = {}
-    for table in TABLES:
-        for name, uri in (
-            (table, table_uri(store, table)),
-            (f"rejected/{table}", rejected_uri(store, table)),
-        ):
+    if not tables:  # no lock written into a folder that holds no lakehouse
+        return results
+    with batch_lock(store, "maintain", notify=progress) as lock:
+        for name, uri in tables:
+            _still_held(lock)
             progress(f"maintaining {name}")
             result = delta.maintain_table(uri, retention_hours=retention_hours)
             if result is not None:

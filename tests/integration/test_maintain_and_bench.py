@@ -12,6 +12,8 @@ from deltalake import DeltaTable
 
 from pipeline.batch import maintain_tables, run_batch, table_uri
 from pipeline.cli import main
+from pipeline.errors import BatchLockedError
+from pipeline.lock import acquire_lock, lock_holder
 from pipeline.storage import open_store
 from tests.helpers import write_raw
 
@@ -129,3 +131,24 @@ def test_every_input_shape_of_the_benchmark_loads_the_same_tables(
         assert reasons == expected_reasons, shape
         for name, frame in tables.items():
             assert frame.equals(expected_tables[name]), (shape, name)
+
+
+def test_maintain_refuses_while_a_batch_holds_the_lock(root: Path) -> None:
+    """An OPTIMIZE beside a batch's commit of files it wrote earlier can double the compacted rows."""
+    store = open_store(str(root))
+    write_raw(root, "products", "p.csv", "5,2,Books,Novel")
+    write_raw(root, "orders", "o.csv", "1,10,7,2025-04-01T11:27:00,12.50,2025-04-01")
+    write_raw(root, "order_items", "i.csv", "1,10,7,,5,1,0,2025-04-01T11:27:00,2025-04-01")
+    run_batch(store)
+    running = acquire_lock(store, "20261203T000000Z-abcdef")
+    with pytest.raises(BatchLockedError, match="20261203T000000Z-abcdef"):
+        maintain_tables(store)
+    assert lock_holder(store)["batch"] == "20261203T000000Z-abcdef"  # the batch keeps its lock
+    running.release()
+    assert "products" in maintain_tables(store)
+    assert lock_holder(store) == {}  # released after maintaining
+
+
+def test_maintain_writes_no_lock_into_a_folder_without_tables(root: Path) -> None:
+    assert maintain_tables(open_store(str(root))) == {}
+    assert list(root.iterdir()) == []
