@@ -267,11 +267,23 @@ def _rejected_summary(
     # A malformed row keeps its whole text; another row's text is its columns' again.
     fields = [pl.col(name).fill_null("") for name in spec.column_names]
     record = pl.coalesce(pl.col("raw_record"), pl.concat_str(fields, separator=","))
+    # The first rows of each reason picked on their file and line alone, then only those rows' text
+    # built and ordered: a high reject share sorts narrow keys, never every record.
+    first = (
+        lazy.select("source_file", "source_line", pl.col(REASONS).alias("reason"))
+        .explode("reason")
+        .group_by("reason")
+        .agg(pl.struct("source_file", "source_line").sort().head(SAMPLES_PER_REASON).alias("at"))
+        .explode("at")
+        .unnest("at")
+        .select("source_file", "source_line")
+    )
     by_file, by_partition, samples = pl.collect_all(
         [
             lazy.group_by("source_file").len().sort("source_file"),
             lazy.group_by(pl.col(spec.partition_by).fill_null("")).len().sort(spec.partition_by),
-            lazy.select("source_file", "source_line", REASONS, record.alias("record"))
+            lazy.join(first.unique(), on=["source_file", "source_line"], how="semi")
+            .select("source_file", "source_line", REASONS, record.alias("record"))
             .with_columns(pl.col(REASONS).alias("reason"))
             .explode("reason")
             .sort("source_file", "source_line")

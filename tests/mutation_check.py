@@ -88,6 +88,13 @@ MUTANTS = (
         ("tests/unit/test_gates.py",),
     ),
     Mutant(
+        "a report's samples are each reason's first rejected rows by file and line",
+        "pipeline/batch.py",
+        'pl.struct("source_file", "source_line").sort().head(SAMPLES_PER_REASON)',
+        'pl.struct("source_file", "source_line").head(SAMPLES_PER_REASON)',
+        ("tests/integration/test_rejected_summary.py",),
+    ),
+    Mutant(
         "every commit carries the batch that wrote it",
         "pipeline/delta.py",
         "custom_metadata=None if batch_id is None else {BATCH_KEY: batch_id}",
