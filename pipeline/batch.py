@@ -951,7 +951,7 @@ def maintain_tables(
         for name, uri in ((table, table_uri(store, table)), (f"rejected/{table}", rejected_uri(store, table)))
         if delta.table_version(uri) is not None
     ]
-    results = {}
+    results: dict[str, delta.MaintenanceResult] = {}
     if not tables:  # no lock written into a folder that holds no lakehouse
         return results
     with batch_lock(store, "maintain", notify=progress) as lock:
