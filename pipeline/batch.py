@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import polars as pl
 
@@ -53,6 +53,7 @@ from pipeline.reader import (
     SOURCE_FILE,
     SOURCE_LINE,
     FileLayout,
+    RawChunk,
     ReadStats,
     count_empty_lines,
     detached,
@@ -168,6 +169,23 @@ def _malformed_rows(malformed: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
 LINE_BITS = 40  # _order = file index << 40 | line: batch order in one integer column
 
 
+def _split_chunk(
+    chunk: RawChunk,
+    spec: TableSpec,
+    layout: FileLayout,
+    file_index: int,
+    reject: Callable[[pl.DataFrame], None],
+) -> pl.DataFrame:
+    """A chunk's valid rows, typed and with their ``_order``; its malformed and invalid rows, with their
+    text and reasons, go to ``reject``."""
+    if chunk.malformed.height:
+        reject(_malformed_rows(chunk.malformed, spec))
+    # Valid rows are kept typed only: the text of the few rejected later is cut out again.
+    valid_rows, invalid_rows = split_valid(chunk.records, spec, layout.missing, keep=[SOURCE_LINE])
+    reject(_rejected_rows(invalid_rows, spec))
+    return valid_rows.select(*(typed(name) for name in spec.column_names), _order_of(file_index))
+
+
 def _order_of(file_index: int) -> pl.Expr:
     return (pl.lit(file_index, pl.Int64) * (1 << LINE_BITS) + pl.col(SOURCE_LINE)).alias(ORDER)
 
@@ -196,23 +214,30 @@ def _original_text(
     """
 
     def text_of_file(file_index: int) -> pl.DataFrame:
-        source, path, layout = sources[file_index]
-        wanted = late_of(file_index).with_columns((pl.col(ORDER) % (1 << LINE_BITS)).alias(SOURCE_LINE))
-        lines = wanted.get_column(SOURCE_LINE)
-        texts = records_at_lines(path, spec, source, layout, lines)
-        if texts is None or not _same_values(texts, wanted, spec, layout):
-            texts = pl.concat(
-                [
-                    chunk.records.filter(pl.col(SOURCE_LINE).is_in(lines.implode()))
-                    for chunk in read_chunks(path, spec, source, layout, expected_digest=digests[file_index])
-                ]
-            )
-        found = wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left")
-        return _rejected_rows(found, spec)
+        return _late_text(late_of(file_index), sources[file_index], spec, digests[file_index])
 
     # Two files at a time: the byte scans release the GIL.
     with ThreadPoolExecutor(max_workers=2) as pool:
         yield from pool.map(text_of_file, files)
+
+
+def _late_text(
+    late: pl.DataFrame, source: tuple[str, Path, FileLayout], spec: TableSpec, digest: str | None
+) -> pl.DataFrame:
+    """One file's late rejects (``_original_text``) as rejected rows with their original text."""
+    name, path, layout = source
+    wanted = late.with_columns((pl.col(ORDER) % (1 << LINE_BITS)).alias(SOURCE_LINE))
+    lines = wanted.get_column(SOURCE_LINE)
+    texts = records_at_lines(path, spec, name, layout, lines)
+    if texts is None or not _same_values(texts, wanted, spec, layout):
+        texts = pl.concat(
+            [
+                chunk.records.filter(pl.col(SOURCE_LINE).is_in(lines.implode()))
+                for chunk in read_chunks(path, spec, name, layout, expected_digest=digest)
+            ]
+        )
+    found = wanted.select(SOURCE_LINE, REASONS).join(texts, on=SOURCE_LINE, how="left")
+    return _rejected_rows(found, spec)
 
 
 class _Rejected:
@@ -432,13 +457,7 @@ def run_step(
                 bytes=read_bytes,
                 total_bytes=total_bytes,
             )
-            if chunk.malformed.height:
-                rejected.add(_malformed_rows(chunk.malformed, spec))
-            # Valid rows are kept typed only: the text of the few rejected later is cut out again.
-            missing = sources[file_index][2].missing
-            valid_rows, invalid_rows = split_valid(chunk.records, spec, missing, keep=[SOURCE_LINE])
-            rejected.add(_rejected_rows(invalid_rows, spec))
-            typed_rows = valid_rows.select(*typed_columns, _order_of(file_index))
+            typed_rows = _split_chunk(chunk, spec, sources[file_index][2], file_index, rejected.add)
             if staging is None:
                 valid_parts.append(detached(typed_rows))
             else:
@@ -472,11 +491,10 @@ def run_step(
                 spec,
                 {column: _compacted(parts, force=True)[0] for column, parts in referenced_parts.items()},
             )
-            kept, to_merge, late_rows, moved_from = _resolve_staged(
+            kept, to_merge, late_rows, late_reasons, moved_from = _resolve_staged(
                 store, spec, staging, plan, rows_per_partition, known, progress
             )
             late_files = staging.parts(LATE)
-            late_reasons = _reason_counts([staging.scan(LATE, part) for part in late_files])
             late_of: Callable[[int], pl.DataFrame] = partial(_take_late, staging)
             rows, keep = pl.DataFrame(), pl.Series("keep", [], pl.Boolean)
             stored_partitions: list[Any] = []
@@ -748,19 +766,12 @@ def _resolve_staged(
     rows_per_partition: Counter[Any],
     known: dict[str, pl.Series],
     progress: Progress,
-) -> tuple[int, int, int, list[Any]]:
-    """Resolve the staged valid rows bucket by bucket; stage the survivors by group of partitions.
-
-    Survivors whose key the lakehouse stores in another partition are staged apart (``moves``): they
-    are merged last, with both partitions in the predicate. Survivors stored as they are already are
-    not staged. The rows rejected late are staged by file (``LATE``, typed, with ``_order`` and
-    reasons). Returns the survivors' count, how many of them are to be merged, how many were rejected
-    late and the partitions the moving keys leave.
-    """
-    typed_columns = [typed(name) for name in spec.column_names]
-    part = typed(spec.partition_by)
+) -> tuple[int, int, int, Counter[str], list[Any]]:
+    """Resolve the staged valid rows bucket by bucket (``resolve_bucket``). Returns the survivors'
+    count, how many of them are to be merged, how many were rejected late and for which reasons, and
+    the partitions the moving keys leave."""
     groups = partition_groups(rows_per_partition, plan.groups)
-    kept, to_merge, late_rows, moved_from = 0, 0, 0, set()
+    kept, to_merge, late_rows, late_reasons, moved_from = 0, 0, 0, Counter[str](), set()
     for bucket in range(plan.buckets):
         valid = staging.take("parsed", bucket)
         if valid is None:
@@ -773,45 +784,92 @@ def _resolve_staged(
             bucket=bucket + 1,
             buckets=plan.buckets,
         )
-        theirs = _stored_alongside(store, spec, valid)
-        keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
-        # Staged by file: their text is recovered file by file once every bucket is resolved.
-        staging.put_split(LATE, late.select(*typed_columns, ORDER, REASONS, _file_of_order()), FILE)
-        late_rows += late.height
-        del late
-        survivors = int(keep.sum())
-        kept += survivors
-        unchanged = keep & _unchanged(valid, theirs, spec)
-        staged = int(unchanged.sum())  # kept as they are: nothing to merge
-        keep = keep & ~unchanged
-        to_merge += survivors - staged
-        moves = keep & _moves(valid, theirs, spec)
-        if moves.any():
-            assert theirs is not None
-            staging.put("moves", 0, valid.filter(moves).select(typed_columns))
-            staged += int(moves.sum())
-            moved_from |= set(_as_stored(theirs.get_column(STORED_PART).filter(moves).unique(), spec))
-            keep = keep & ~moves
-        del theirs, unchanged, moves
-        # Each group's survivors are cut straight from the bucket: one copy of each row, not two.
-        group = valid.select(
-            pl.col(part)
-            .replace_strict(list(groups), list(groups.values()), default=0, return_dtype=pl.Int32)
-            .fill_null(0)  # a null partition (a spec may allow one) merges with the first group
-        ).to_series()
-        for number in sorted(set(groups.values())):
-            piece = valid.filter(keep & (group == number)).select(typed_columns)
-            staged += piece.height
-            staging.put("resolved", number, piece)
-            del piece
-        if staged != survivors:
-            raise LakehouseError(
-                f"{spec.name}: bucket {bucket + 1} has {survivors} surviving rows but {staged} were staged "
-                "or unchanged; "
-                "refusing to write"
-            )
-        del valid, keep, group  # before the next bucket is read
-    return kept, to_merge, late_rows, sorted(moved_from)
+        resolved = resolve_bucket(store, spec, valid, known, groups, staging, bucket=bucket)
+        del valid  # before the next bucket is read
+        kept += resolved.survivors
+        to_merge += resolved.to_merge
+        late_rows += resolved.late_rows
+        late_reasons += resolved.late_reasons
+        moved_from |= set(resolved.moved_from)
+    return kept, to_merge, late_rows, late_reasons, sorted(moved_from)
+
+
+class StagedParts(Protocol):
+    """Where a stage puts frames by kind and part: a local ``Staging`` or a batch's objects in the store
+    (``pipeline.distributed``)."""
+
+    def put(self, kind: str, part: int, frame: pl.DataFrame) -> None: ...
+
+    def put_split(self, kind: str, frame: pl.DataFrame, part_column: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ResolvedBucket:
+    """What resolving one bucket found: survivors, of which ``to_merge`` are to be merged, rows rejected
+    late (with their reasons), and the partitions the moving keys leave."""
+
+    survivors: int
+    to_merge: int
+    late_rows: int
+    late_reasons: Counter[str]
+    moved_from: list[Any]
+
+
+def resolve_bucket(
+    store: Store,
+    spec: TableSpec,
+    valid: pl.DataFrame,
+    known: dict[str, pl.Series],
+    groups: dict[Any, int],
+    staged: StagedParts,
+    *,
+    bucket: int,
+) -> ResolvedBucket:
+    """Resolve one bucket's valid rows (typed, with ``_order``); put the survivors by group of partitions.
+
+    Survivors whose key the lakehouse stores in another partition are put apart (``moves``): they are
+    merged last, with both partitions in the predicate. Survivors stored as they are already are not
+    put at all. The rows rejected late are put by file (``LATE``, typed, with ``_order`` and reasons).
+    ``known`` holds, per foreign key, the referenced values that exist (at least all of this bucket's).
+    """
+    typed_columns = [typed(name) for name in spec.column_names]
+    theirs = _stored_alongside(store, spec, valid)
+    keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
+    # Put by file: their text is recovered file by file once every bucket is resolved.
+    staged.put_split(LATE, late.select(*typed_columns, ORDER, REASONS, _file_of_order()), FILE)
+    late_rows, late_reasons = late.height, _reason_counts([late.lazy()]) if late.height else Counter()
+    del late
+    survivors = int(keep.sum())
+    unchanged = keep & _unchanged(valid, theirs, spec)
+    staged_rows = int(unchanged.sum())  # kept as they are: nothing to merge
+    keep = keep & ~unchanged
+    to_merge = survivors - staged_rows
+    moves = keep & _moves(valid, theirs, spec)
+    moved_from: list[Any] = []
+    if moves.any():
+        assert theirs is not None
+        staged.put("moves", 0, valid.filter(moves).select(typed_columns))
+        staged_rows += int(moves.sum())
+        moved_from = _as_stored(theirs.get_column(STORED_PART).filter(moves).unique(), spec)
+        keep = keep & ~moves
+    del theirs, unchanged, moves
+    # Each group's survivors are cut straight from the bucket: one copy of each row, not two.
+    group = valid.select(
+        pl.col(typed(spec.partition_by))
+        .replace_strict(list(groups), list(groups.values()), default=0, return_dtype=pl.Int32)
+        .fill_null(0)  # a null partition (a spec may allow one) merges with the first group
+    ).to_series()
+    for number in sorted(set(groups.values())):
+        piece = valid.filter(keep & (group == number)).select(typed_columns)
+        staged_rows += piece.height
+        staged.put("resolved", number, piece)
+        del piece
+    if staged_rows != survivors:
+        raise LakehouseError(
+            f"{spec.name}: bucket {bucket + 1} has {survivors} surviving rows but {staged_rows} were staged "
+            "or unchanged; refusing to write"
+        )
+    return ResolvedBucket(survivors, to_merge, late_rows, late_reasons, sorted(moved_from, key=str))
 
 
 LATE = "late"
