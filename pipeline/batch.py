@@ -812,6 +812,8 @@ class ResolvedBucket:
     to_merge: int
     late_rows: int
     late_reasons: Counter[str]
+    late_files: list[int]
+    """The files (their index in the step) that the late rejects came from."""
     moved_from: list[Any]
 
 
@@ -836,8 +838,10 @@ def resolve_bucket(
     theirs = _stored_alongside(store, spec, valid)
     keep, late = survivor_mask(valid, spec, known, _stored_order(theirs))
     # Put by file: their text is recovered file by file once every bucket is resolved.
-    staged.put_split(LATE, late.select(*typed_columns, ORDER, REASONS, _file_of_order()), FILE)
+    late = late.select(*typed_columns, ORDER, REASONS, _file_of_order())
+    staged.put_split(LATE, late, FILE)
     late_rows, late_reasons = late.height, _reason_counts([late.lazy()]) if late.height else Counter()
+    late_files = sorted(late.get_column(FILE).unique().to_list())
     del late
     survivors = int(keep.sum())
     unchanged = keep & _unchanged(valid, theirs, spec)
@@ -869,7 +873,9 @@ def resolve_bucket(
             f"{spec.name}: bucket {bucket + 1} has {survivors} surviving rows but {staged_rows} were staged "
             "or unchanged; refusing to write"
         )
-    return ResolvedBucket(survivors, to_merge, late_rows, late_reasons, sorted(moved_from, key=str))
+    return ResolvedBucket(
+        survivors, to_merge, late_rows, late_reasons, late_files, sorted(moved_from, key=str)
+    )
 
 
 LATE = "late"
@@ -1032,6 +1038,7 @@ def run_batch(
     plan: Plan | None = None,
     gates: GateSettings | None = None,
     accept_gates: bool = False,
+    workers: int | None = None,
 ) -> BatchReport:
     """Process one batch: resume the unfinished one if there is one, else snapshot ``raw/``.
 
@@ -1039,7 +1046,9 @@ def run_batch(
     committed, and running again resumes the same batch. Files whose content a succeeded batch
     loaded already are skipped (and archived) unless ``force``. ``memory_budget``, ``plan`` and ``gates``
     (by default the root's ``lakehouse.toml``; ``accept_gates`` lands the batch whatever they say) are
-    passed to each step (``run_step``).
+    passed to each step (``run_step``). With ``workers``, each step runs as the distributed path's stages
+    instead (``pipeline.distributed``): their units in ``workers`` processes of their own, or in this
+    one for 0.
     """
     started_at = now or datetime.now(timezone.utc)
     started = time.monotonic()
@@ -1080,7 +1089,7 @@ def run_batch(
             report = load_step_report(store, manifest.batch_id, spec.name)
             if report is None:
                 _still_held(lock)
-                step = partial(
+                step: Callable[[], StepReport] = partial(
                     run_step,
                     store,
                     manifest,
@@ -1090,6 +1099,25 @@ def run_batch(
                     plan=plan,
                     gates=gates,
                 )
+                if workers is not None:
+                    from pipeline import distributed  # it builds on this module
+
+                    runner = (
+                        distributed.in_processes(store.root, workers)
+                        if workers
+                        else distributed.in_process(store)
+                    )
+                    step = partial(
+                        distributed.run_staged_step,
+                        store,
+                        manifest,
+                        spec,
+                        runner,
+                        progress=progress,
+                        memory_budget=memory_budget,
+                        plan=plan,
+                        gates=gates,
+                    )
                 report = _guard(spec.name, step)
                 save_step_report(store, manifest.batch_id, report)
                 progress(
@@ -1173,6 +1201,9 @@ def abandon_batch(store: Store, batch_id: str) -> Abandoned:
                 store.delete(key)
                 reports += 1
         notes = forget_loaded(store, manifest)
+        from pipeline.distributed import clear_batch  # it builds on this module
+
+        clear_batch(store, manifest.batch_id)
         restored = restore_batch(store, manifest)
         store.delete(manifest.key)
         raw = sum(1 for entries in manifest.files.values() for entry in entries if store.stat(entry.key))

@@ -365,6 +365,13 @@ def run(
     accept_gates: bool = _accept_gates_option(),
     fail_percent: Optional[float] = _fail_percent_option(),
     warn_percent: Optional[float] = _warn_percent_option(),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Run each step as the distributed path's stages, their units in this many processes "
+        "(what Step Functions' Distributed Map does on AWS); default: each step in this process.",
+    ),
 ) -> None:
     """Process one batch: every CSV now in ROOT/raw/ (or resume the unfinished batch)."""
     from pipeline.batch import run_batch
@@ -373,7 +380,12 @@ def run(
     gates = _gate_settings(store, accept_gates, fail_percent, warn_percent)
     with _working("starting") as progress:
         report = run_batch(
-            store, progress=progress, force=force, memory_budget=parse_size(memory_budget), gates=gates
+            store,
+            progress=progress,
+            force=force,
+            memory_budget=parse_size(memory_budget),
+            gates=gates,
+            workers=workers,
         )
     _print_summary(report)
     if json_logs():
@@ -444,6 +456,129 @@ def step(
             seconds=report.seconds,
             report=_logged(report),
         )
+
+
+stage_app = typer.Typer(
+    help="A step as separate stages and units (what the distributed path's tasks run).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(stage_app, name="stage")
+
+
+@contextlib.contextmanager
+def _cause_kept(store: Store, batch_id: str, table: str) -> Iterator[None]:
+    """On failure, keep the cause where FinishBatch finds a step's (the task itself says only 'exit 1')."""
+    from pipeline.errors import StepError
+    from pipeline.report import save_step_error
+
+    try:
+        yield
+    except Exception as error:
+        failure = StepError(table, error) if isinstance(error, LakehouseError) else error
+        with contextlib.suppress(Exception):
+            save_step_error(store, batch_id, table, describe(failure))
+        if failure is error:
+            raise
+        raise failure from error
+
+
+@stage_app.command("plan")
+def stage_plan(
+    table: str = typer.Argument(..., help="products, orders or order_items."),
+    stage: str = typer.Argument(..., help="parse, resolve or write (which plans moves and late too)."),
+    root: str = _root_option(),
+    manifest: str = typer.Option(
+        ..., "--manifest", help="The batch manifest: a key under ROOT, its full URI, or a batch id."
+    ),
+    memory_budget: str = typer.Option(
+        MEMORY_BUDGET_DEFAULT,
+        "--memory-budget",
+        help="Memory of one unit's task: sizes the buckets and groups (parse plan only).",
+        callback=_memory_budget,
+    ),
+    accept_gates: bool = _accept_gates_option(),
+    fail_percent: Optional[float] = _fail_percent_option(),
+    warn_percent: Optional[float] = _warn_percent_option(),
+) -> None:
+    """Write the work items of a stage under ROOT/plan/<batch>/<table>/<stage>/ (the gates: write plan)."""
+    from pipeline.distributed import PLANNED, plan_stage
+    from pipeline.manifest import read_manifest
+    from pipeline.specs import get_spec
+
+    if stage not in PLANNED:
+        raise typer.BadParameter(f"no plan for {stage!r}; plans are {', '.join(PLANNED)}", param_hint="STAGE")
+    store = _store(root)
+    spec = get_spec(table)
+    batch = read_manifest(store, manifest)
+    _state["batch"] = batch.batch_id
+    with _cause_kept(store, batch.batch_id, spec.name):
+        items = plan_stage(
+            store,
+            batch,
+            spec,
+            stage,
+            memory_budget=parse_size(memory_budget),
+            gates=_gate_settings(store, accept_gates, fail_percent, warn_percent)
+            if stage == "write"
+            else None,
+        )
+    out.print(f"{table} {stage}: {len(items)} work item(s) planned", highlight=False, soft_wrap=True)
+
+
+@stage_app.command("run")
+def stage_run(
+    item: str = typer.Argument(
+        ..., help="A work item: its key under ROOT (plan/<batch>/<table>/<stage>/N.json)."
+    ),
+    root: str = _root_option(),
+) -> None:
+    """Run the unit a work item names (skipped when its report says it is done)."""
+    import json
+
+    from pipeline.distributed import run_unit
+
+    store = _store(root)
+    parts = item.split("/")
+    if len(parts) != 5 or parts[0] != "plan":
+        raise typer.BadParameter(
+            f"{item!r} is not a work item key (plan/<batch>/<table>/<stage>/<unit>.json)", param_hint="ITEM"
+        )
+    _state["batch"] = parts[1]
+    with _cause_kept(store, parts[1], parts[2]):
+        report = run_unit(store, item)
+    if json_logs():
+        log_event("info", "unit_report", f"{parts[2]} {parts[3]} unit {parts[4]} done", report=report)
+    else:
+        out.print(json.dumps(report), highlight=False, soft_wrap=True)
+
+
+@stage_app.command("finish")
+def stage_finish(
+    table: str = typer.Argument(..., help="products, orders or order_items."),
+    root: str = _root_option(),
+    manifest: str = typer.Option(
+        ..., "--manifest", help="The batch manifest: a key under ROOT, its full URI, or a batch id."
+    ),
+) -> None:
+    """Commit a step's staged rejected rows and write its report from its units' (after the last stage)."""
+    from pipeline.batch import load_step_report
+    from pipeline.distributed import finish_step
+    from pipeline.manifest import read_manifest
+    from pipeline.report import forget_step_error
+    from pipeline.specs import get_spec
+
+    store = _store(root)
+    spec = get_spec(table)
+    batch = read_manifest(store, manifest)
+    _state["batch"] = batch.batch_id
+    report = load_step_report(store, batch.batch_id, spec.name)
+    if report is None:
+        with _cause_kept(store, batch.batch_id, spec.name), _working(f"{table}") as progress:
+            report = finish_step(store, batch, spec, progress=progress)
+        forget_step_error(store, batch.batch_id, spec.name)
+    _print_steps([report])
+    _print_gates([report])
 
 
 QUERY_FORMATS = ("table", "csv", "json")

@@ -92,6 +92,20 @@ PLANS = [Plan(1, 1), Plan(3, 1), Plan(7, 4), Plan(1, 4)]
     ],
 )
 def test_two_dirty_batches_give_what_the_reference_gives(root: Path, seed: int, plan: Plan) -> None:
+    _two_batches_against_the_reference(root, seed, plan)
+
+
+# The distributed path's stages (plans, units, finish; here in this process) against the same reference:
+# the same tables, rejected rows and counts as the single-task step.
+@pytest.mark.parametrize("plan", [Plan(1, 1), Plan(3, 2)], ids=lambda plan: f"{plan.buckets}b{plan.groups}g")
+@pytest.mark.parametrize("seed", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_the_distributed_path_gives_what_the_reference_gives(root: Path, seed: int, plan: Plan) -> None:
+    _two_batches_against_the_reference(root, seed, plan, workers=0)
+    left = [path for folder in ("plan", "staging") for path in root.glob(f"{folder}/**/*") if path.is_file()]
+    assert not left, "plan or staging objects left behind"
+
+
+def _two_batches_against_the_reference(root: Path, seed: int, plan: Plan, workers: int | None = None) -> None:
     lake = reference.Lake()
     loaded: set[str] = set()
     store = open_store(str(root))
@@ -102,9 +116,9 @@ def test_two_dirty_batches_give_what_the_reference_gives(root: Path, seed: int, 
             expected = reference.run_batch(lake, batch, f"b{number}", loaded)
         except reference.ReferenceFileError as error:
             with pytest.raises(StepError):
-                run_batch(store, plan=plan)
+                run_batch(store, plan=plan, workers=workers)
             pytest.skip(f"seed {seed} makes a file error, refused by both: {error}")
-        report = run_batch(store, plan=plan)
+        report = run_batch(store, plan=plan, workers=workers)
         lake, loaded = expected.lake, expected.loaded_contents
         for row in expected.rejected:
             columns = TABLES[row["table"]].column_names

@@ -1,0 +1,658 @@
+"""A table's step as separate stages whose units run anywhere: Distributed Map children, local processes.
+
+The same functions as the single-task step (``pipeline.batch``), cut where a unit's input and output fit in
+objects of the store:
+
+    plan parse ─▶ parse (one unit per file) ─▶ plan resolve ─▶ resolve (one per bucket of keys)
+    ─▶ plan write (the gates) ─▶ write (one per group of partitions) ─▶ moves ─▶ late (one per file)
+    ─▶ finish (the rejected rows' commit and the step report)
+
+A plan writes one small JSON item per unit under ``plan/<batch>/<table>/<stage>/`` (what a Distributed
+Map lists); a unit reads the item, puts its frames under ``staging/<batch>/<table>/`` and writes its report
+last, so a unit with a report is done and a resumed batch skips it. A unit run again after a crash writes
+the same objects under the same names (same file, same blocks), and its MERGE changes nothing twice.
+Groups of partitions are disjoint, so their MERGEs commit side by side. Every plan and the finish run in
+one process and check that the stage before is complete; the finish removes the plan and staged objects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from itertools import count
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+from pipeline import delta
+from pipeline.batch import (
+    LATE,
+    _ContractClock,
+    _expected_digest,
+    _known_references,
+    _late_text,
+    _layout_notes,
+    _locate,
+    _reason_counts,
+    _Rejected,
+    _rejected_summary,
+    _schemas,
+    _split_chunk,
+    _step_uris,
+    _write_rejected,
+    resolve_bucket,
+    table_uri,
+)
+from pipeline.dedup import typed
+from pipeline.errors import LakehouseError, UsageError
+from pipeline.gates import GateSettings, judge, load_settings
+from pipeline.manifest import Manifest, ManifestFile, read_manifest
+from pipeline.progress import Progress
+from pipeline.progress import quiet as _quiet
+from pipeline.reader import ReadStats, count_empty_lines, read_chunks, read_layout
+from pipeline.report import StepReport, save_step_report
+from pipeline.specs import TableSpec, get_spec
+from pipeline.stages import (
+    BUCKET,
+    DEFAULT_MEMORY_BUDGET,
+    GIB,
+    Plan,
+    Staging,
+    bucket_of,
+    partition_groups,
+    plan_for,
+)
+from pipeline.stages import peak_rss as process_peak_rss
+from pipeline.storage import Store, open_store
+from pipeline.validate import polars_type
+
+PLAN = "plan"
+STAGING = "staging"
+STAGES = ("parse", "resolve", "write", "moves", "late")
+# What each plan writes items for: the write plan judges the gates once, for the three stages after it.
+PLANNED = {"parse": ("parse",), "resolve": ("resolve",), "write": ("write", "moves", "late")}
+# The smallest row a CSV of these tables can hold (an order item with one-digit values): the batch's
+# rows at most, to size the buckets by the stored rows they may meet without reading the files.
+MIN_ROW_BYTES = 20
+
+
+def plan_prefix(batch_id: str, table: str, stage: str | None = None) -> str:
+    return f"{PLAN}/{batch_id}/{table}/" + (f"{stage}/" if stage else "")
+
+
+def staging_prefix(batch_id: str, table: str) -> str:
+    return f"{STAGING}/{batch_id}/{table}"
+
+
+def _unit_report_key(batch_id: str, table: str, stage: str, unit: int) -> str:
+    return f"{staging_prefix(batch_id, table)}/units/{stage}/{unit:05d}.json"
+
+
+def _state_key(batch_id: str, table: str) -> str:
+    return f"{staging_prefix(batch_id, table)}/plan.json"
+
+
+class StoreParts:
+    """Frames put by kind and part as Arrow IPC objects under ``prefix``, named after the unit that put
+    them (``StagedParts``): a unit run again puts the same frames under the same names."""
+
+    SUFFIX = ".arrow"
+
+    def __init__(self, store: Store, prefix: str, unit: str = "") -> None:
+        self.store, self.prefix, self.unit = store, prefix, unit
+        self._numbers = count()
+
+    def put(self, kind: str, part: int, frame: pl.DataFrame) -> None:
+        if not frame.height:
+            return
+        buffer = io.BytesIO()
+        # lz4: staged objects cross the network on AWS; compressing them costs less than sending them.
+        frame.write_ipc(buffer, compression="lz4")
+        name = f"{self.unit}-{next(self._numbers):06d}{self.SUFFIX}"
+        self.store.write_bytes(f"{self.prefix}/{kind}/part-{part}/{name}", buffer.getvalue())
+
+    def put_split(self, kind: str, frame: pl.DataFrame, part_column: str) -> None:
+        for (part,), piece in frame.partition_by(part_column, as_dict=True, include_key=False).items():
+            self.put(kind, int(part), piece)
+
+    def keys(self, kind: str, part: int) -> list[str]:
+        found = self.store.list(f"{self.prefix}/{kind}/part-{part}/")
+        return sorted(info.key for info in found if info.key.endswith(self.SUFFIX))
+
+    def read(self, key: str) -> pl.DataFrame:
+        return pl.read_ipc(io.BytesIO(self.store.read_bytes(key)))
+
+    def frames(self, kind: str, part: int) -> Iterator[pl.DataFrame]:
+        for key in self.keys(kind, part):
+            yield self.read(key)
+
+    def take(self, kind: str, part: int) -> pl.DataFrame | None:
+        """Everything put under ``kind`` and ``part`` as one frame (None: nothing was)."""
+        frames = list(self.frames(kind, part))
+        return pl.concat(frames, how="vertical_relaxed", rechunk=False) if frames else None
+
+
+@dataclass
+class StepState:
+    """What the parse plan fixed for a table's stages: the files (manifest index, key), the plan, and
+    where the step's two tables stood before (for the step's commit figures)."""
+
+    table: str
+    batch_id: str
+    files: list[tuple[int, str]]
+    buckets: int
+    groups: int
+    versions_before: list[int | None]
+    files_before: list[list[str]]
+    started: float
+
+
+def _save(store: Store, key: str, value: Any) -> None:
+    store.write_bytes(key, json.dumps(value, indent=1, default=str).encode())
+
+
+def _load(store: Store, key: str) -> Any:
+    return json.loads(store.read_bytes(key))
+
+
+def _state(store: Store, batch_id: str, table: str) -> StepState:
+    key = _state_key(batch_id, table)
+    if store.stat(key) is None:
+        raise UsageError(f"{table} of batch {batch_id} has no plan; run `lakehouse stage plan {table} parse`")
+    saved = _load(store, key)
+    return StepState(**{**saved, "files": [tuple(pair) for pair in saved["files"]]})
+
+
+def _items(store: Store, state: StepState, stage: str, units: list[int]) -> list[str]:
+    """Write one item per unit of ``stage`` (replacing any earlier plan of it); their keys."""
+    prefix = plan_prefix(state.batch_id, state.table, stage)
+    for info in store.list(prefix):
+        store.delete(info.key)
+    keys = []
+    for unit in units:
+        key = f"{prefix}{unit:05d}.json"
+        _save(store, key, {"batch_id": state.batch_id, "table": state.table, "stage": stage, "unit": unit})
+        keys.append(key)
+    return keys
+
+
+def _unit_reports(store: Store, state: StepState, stage: str) -> dict[int, dict[str, Any]]:
+    """The reports of the planned units of ``stage``; an error naming any unit without one."""
+    planned = sorted(
+        int(Path(info.key).stem)
+        for info in store.list(plan_prefix(state.batch_id, state.table, stage))
+        if info.key.endswith(".json")
+    )
+    reports, missing = {}, []
+    for unit in planned:
+        key = _unit_report_key(state.batch_id, state.table, stage, unit)
+        if store.stat(key) is None:
+            missing.append(unit)
+        else:
+            reports[unit] = _load(store, key)
+    if missing:
+        shown = ", ".join(str(unit) for unit in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise LakehouseError(
+            f"{state.table} of batch {state.batch_id}: {len(missing)} {stage} unit(s) not done ({shown}); "
+            "run them before the next stage"
+        )
+    return reports
+
+
+def plan_stage(
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    stage: str,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    plan: Plan | None = None,
+    gates: GateSettings | None = None,
+) -> list[str]:
+    """Write the items of ``stage`` (``parse``, ``resolve`` or ``write``, which also plans ``moves`` and
+    ``late``) for ``spec``'s step of ``manifest``; the keys of the items written.
+
+    ``parse`` cuts the table's files into buckets of keys and groups of partitions for ``memory_budget``
+    per unit (``plan`` overrides it). ``write`` judges the quality gates (``gates``, by default the
+    root's ``lakehouse.toml``) first: a crossed fail gate raises before any commit.
+    """
+    if stage not in PLANNED:
+        raise UsageError(f"no plan for stage {stage!r}; plans are {', '.join(PLANNED)}")
+    batch_id = manifest.batch_id
+    if stage == "parse" and store.stat(_state_key(batch_id, spec.name)) is not None:
+        # Planned already (a resumed batch): the same cut, or the units done would not fit the rest.
+        state = _state(store, batch_id, spec.name)
+        return _items(store, state, "parse", [index for index, _ in state.files])
+    if stage == "parse":
+        entries = [entry for entry in manifest.files[spec.name] if not entry.loaded_by]
+        files = [(index, entry.key) for index, entry in enumerate(entries)]
+        if plan is None:
+            csv_bytes = sum(entry.size for entry in entries)
+            stored = delta.stored_row_count(table_uri(store, spec.name))
+            plan = _plan_of(csv_bytes, memory_budget, stored)
+        befores = [delta.table_state(uri) for uri in _step_uris(store, spec.name)]
+        state = StepState(
+            spec.name,
+            batch_id,
+            files,
+            plan.buckets,
+            plan.groups,
+            [before.version for before in befores],
+            [sorted(before.files) for before in befores],
+            time.time(),
+        )
+        _save(store, _state_key(batch_id, spec.name), asdict(state))
+        return _items(store, state, "parse", [index for index, _ in files])
+    state = _state(store, batch_id, spec.name)
+    if stage == "resolve":
+        parsed = _unit_reports(store, state, "parse")
+        counts = _partition_counts(store, state, spec)
+        groups = partition_groups(counts, state.groups)
+        mapping = pl.DataFrame(
+            {
+                typed(spec.partition_by): pl.Series(list(groups), dtype=_partition_type(spec)),
+                "group": pl.Series(list(groups.values()), dtype=pl.Int32),
+            }
+        )
+        StoreParts(store, staging_prefix(batch_id, spec.name), "plan").put("groups", 0, mapping)
+        with_rows = [bucket for bucket in range(state.buckets) if _has_parts(store, state, "parsed", bucket)]
+        del parsed
+        return _items(store, state, "resolve", with_rows)
+    parsed, resolved = _unit_reports(store, state, "parse"), _unit_reports(store, state, "resolve")
+    rows_in, rejected, reasons = _counts(parsed, resolved)
+    gates = load_settings(store) if gates is None else gates
+    results = judge(gates, spec.name, batch_id, rows_in, rejected, reasons)
+    _save(store, f"{staging_prefix(batch_id, spec.name)}/gates.json", [r.to_dict() for r in results])
+    moves = any(report["moved"] for report in resolved.values())
+    late = sorted({file for report in resolved.values() for file in report["late_files"]})
+    return [
+        *_items(
+            store, state, "write", [g for g in range(state.groups) if _has_parts(store, state, "resolved", g)]
+        ),
+        *_items(store, state, "moves", [0] if moves else []),
+        *_items(store, state, "late", late),
+    ]
+
+
+def _plan_of(csv_bytes: int, memory_budget: int, stored_rows: int | None) -> Plan:
+    rows = csv_bytes // MIN_ROW_BYTES
+    return plan_for(
+        csv_bytes, memory_budget, csv_rows=rows, stored_rows=rows if stored_rows is None else stored_rows
+    )
+
+
+def _partition_type(spec: TableSpec) -> pl.DataType:
+    column = spec.column(spec.partition_by)
+    return pl.Date() if column.type == "date" else polars_type(column)
+
+
+def _has_parts(store: Store, state: StepState, kind: str, part: int) -> bool:
+    return bool(StoreParts(store, staging_prefix(state.batch_id, state.table)).keys(kind, part))
+
+
+def _partition_counts(store: Store, state: StepState, spec: TableSpec) -> Counter[Any]:
+    parts = StoreParts(store, staging_prefix(state.batch_id, state.table))
+    frames = list(parts.frames("partitions", 0))
+    if not frames:
+        return Counter()
+    summed = pl.concat(frames).group_by(typed(spec.partition_by)).agg(pl.col("len").sum())
+    return Counter(dict(summed.iter_rows()))
+
+
+def _counts(
+    parsed: dict[int, dict[str, Any]], resolved: dict[int, dict[str, Any]]
+) -> tuple[int, int, Counter[str]]:
+    """Rows in, rows rejected and their reasons over every parse and resolve unit."""
+    reasons: Counter[str] = Counter()
+    for report in [*parsed.values(), *resolved.values()]:
+        reasons.update(report["reasons"])
+    rows_in = sum(report["rows_in"] for report in parsed.values())
+    rejected = sum(report["rejected"] for report in parsed.values()) + sum(
+        report["late_rows"] for report in resolved.values()
+    )
+    return rows_in, rejected, reasons
+
+
+def run_unit(store: Store, item: str) -> dict[str, Any]:
+    """Run the unit an item (a key under ``plan/``) names, unless its report says it is done; its report."""
+    if store.stat(item) is None:
+        raise UsageError(f"no work item {store.uri(item)}")
+    named = _load(store, item)
+    batch_id, table, stage, unit = named["batch_id"], named["table"], named["stage"], int(named["unit"])
+    report_key = _unit_report_key(batch_id, table, stage, unit)
+    if store.stat(report_key) is not None:
+        return {**_load(store, report_key), "skipped": True}
+    spec, manifest = get_spec(table), read_manifest(store, batch_id)
+    state = _state(store, batch_id, table)
+    started = time.monotonic()
+    parts = StoreParts(store, staging_prefix(batch_id, table), f"{stage}-{unit:05d}")
+    report = _UNITS[stage](store, manifest, spec, state, unit, parts)
+    report.update(stage=stage, unit=unit, seconds=round(time.monotonic() - started, 3))
+    report["peak_rss_gib"] = round(process_peak_rss() / GIB, 3)
+    _save(store, report_key, report)  # last: a unit with a report is done
+    return report
+
+
+def _entry(manifest: Manifest, spec: TableSpec, state: StepState, unit: int) -> ManifestFile:
+    key = dict(state.files)[unit]
+    return next(entry for entry in manifest.files[spec.name] if entry.key == key)
+
+
+def _parse_unit(
+    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+) -> dict[str, Any]:
+    """Read and validate one file: its valid rows by bucket, its rejected rows, its partitions' counts."""
+    entry = _entry(manifest, spec, state, unit)
+    report: dict[str, Any] = {"file": entry.key, "rows_in": 0, "rejected": 0, "reasons": {}, "empty": False}
+    report.update(layout_notes=[], read_notes=[], extra_columns=[], empty_lines=0)
+    key = _locate(store, spec.name, manifest.batch_id, entry)
+    with store.local_path(key, entry.version, entry.size) as path:
+        layout = read_layout(path, spec, entry.key)
+        if layout is None:
+            report.update(empty=True, empty_lines=count_empty_lines(path))
+            return report
+        report.update(layout_notes=_layout_notes(entry.key, layout), extra_columns=layout.extra)
+        stats, reasons, partitions = ReadStats(), Counter[str](), Counter[Any]()
+
+        def reject(frame: pl.DataFrame) -> None:
+            if frame.height:
+                report["rejected"] += frame.height
+                reasons.update(_reason_counts([frame.lazy()]))
+                parts.put(_Rejected.KIND, 0, frame)
+
+        for chunk in read_chunks(
+            path, spec, entry.key, layout, stats=stats, expected_digest=_expected_digest(entry)
+        ):
+            report["rows_in"] += chunk.records.height + chunk.malformed.height
+            typed_rows = _split_chunk(chunk, spec, layout, unit, reject)
+            counts = typed_rows.get_column(typed(spec.partition_by)).value_counts()
+            partitions.update(dict(counts.iter_rows()))
+            parts.put_split("parsed", typed_rows.with_columns(bucket_of(spec, state.buckets)), BUCKET)
+    counted = pl.DataFrame(
+        {
+            typed(spec.partition_by): pl.Series(list(partitions), dtype=_partition_type(spec)),
+            "len": pl.Series(list(partitions.values()), dtype=pl.Int64),
+        }
+    )
+    parts.put("partitions", 0, counted)
+    report.update(reasons=dict(reasons), read_notes=stats.notes, empty_lines=stats.empty_lines)
+    return report
+
+
+def _groups(store: Store, state: StepState, spec: TableSpec) -> dict[Any, int]:
+    mapping = StoreParts(store, staging_prefix(state.batch_id, state.table)).take("groups", 0)
+    return {} if mapping is None else dict(mapping.select(typed(spec.partition_by), "group").iter_rows())
+
+
+def _resolve_unit(
+    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+) -> dict[str, Any]:
+    """Resolve one bucket of keys: dedup, references (this bucket's), stale rows, moves, groups."""
+    valid = parts.take("parsed", unit)
+    if valid is None:
+        valid = pl.DataFrame()
+    referenced = {fk.column: valid.get_column(typed(fk.column)).unique() for fk in spec.foreign_keys}
+    known = _known_references(store, spec, referenced)
+    resolved = resolve_bucket(store, spec, valid, known, _groups(store, state, spec), parts, bucket=unit)
+    return {
+        "survivors": resolved.survivors,
+        "to_merge": resolved.to_merge,
+        "late_rows": resolved.late_rows,
+        "reasons": dict(resolved.late_reasons),
+        "moved": bool(resolved.moved_from),
+        "moved_from": resolved.moved_from,
+        "late_files": resolved.late_files,
+    }
+
+
+def _write_unit(
+    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+) -> dict[str, Any]:
+    """MERGE one group of partitions' survivors (its partitions as literals: groups commit side by side)."""
+    return _merged(store, spec, state, parts.take("resolved", unit), [], f"group {unit}")
+
+
+def _moves_unit(
+    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+) -> dict[str, Any]:
+    """MERGE the keys that change partition, naming the partitions they leave too (after the groups)."""
+    resolved = _unit_reports(store, state, "resolve")
+    moved_from = sorted({value for report in resolved.values() for value in report["moved_from"]}, key=str)
+    return _merged(store, spec, state, parts.take("moves", 0), moved_from, "the moving keys")
+
+
+def _merged(
+    store: Store,
+    spec: TableSpec,
+    state: StepState,
+    rows: pl.DataFrame | None,
+    moved_from: list[Any],
+    where: str,
+) -> dict[str, Any]:
+    if rows is None:
+        return {"inserted": 0, "updated": 0, "version": None, "contract_seconds": 0.0}
+    rows = rows.rename({typed(name): name for name in spec.column_names})
+    contract = _ContractClock()
+    contract.check(rows, spec, keep=None, where=where)
+    merged = delta.merge_rows(
+        table_uri(store, spec.name), rows, spec, stored_partitions=moved_from, batch_id=state.batch_id
+    )
+    return {
+        "inserted": merged.inserted,
+        "updated": merged.updated,
+        "version": merged.version,
+        "contract_seconds": round(contract.seconds, 3),
+    }
+
+
+def _late_unit(
+    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+) -> dict[str, Any]:
+    """Cut one file's late rejects' original text out of it (``_late_text``) and put them as rejected."""
+    late = parts.take(LATE, unit)
+    if late is None:
+        return {"rows": 0}
+    entry = _entry(manifest, spec, state, unit)
+    key = _locate(store, spec.name, manifest.batch_id, entry)
+    with store.local_path(key, entry.version, entry.size) as path:
+        layout = read_layout(path, spec, entry.key)
+        assert layout is not None, f"{entry.key} has late rejects but no header"
+        texts = _late_text(late, (entry.key, path, layout), spec, _expected_digest(entry))
+    parts.put(_Rejected.KIND, 0, texts)
+    return {"rows": texts.height}
+
+
+_UNITS: dict[str, Callable[..., dict[str, Any]]] = {
+    "parse": _parse_unit,
+    "resolve": _resolve_unit,
+    "write": _write_unit,
+    "moves": _moves_unit,
+    "late": _late_unit,
+}
+
+
+def finish_step(
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    *,
+    now: datetime | None = None,
+    progress: Progress = _quiet,
+) -> StepReport:
+    """Commit the staged rejected rows, check that every row is in one place, and build the step's report
+    from its units' (their plan and staged objects are removed after)."""
+    batch_id = manifest.batch_id
+    state = _state(store, batch_id, spec.name)
+    reports = {stage: _unit_reports(store, state, stage) for stage in STAGES}
+    parsed, resolved, late = reports["parse"], reports["resolve"], reports["late"]
+    rows_in, rejected_rows, _ = _counts(parsed, resolved)
+    kept = sum(report["survivors"] for report in resolved.values())
+    if kept + rejected_rows != rows_in:
+        raise LakehouseError(
+            f"{spec.name}: {rows_in} rows read but {kept} kept and {rejected_rows} rejected; "
+            "refusing to write"
+        )
+    texts = sum(report["rejected"] for report in parsed.values()) + sum(r["rows"] for r in late.values())
+    if texts != rejected_rows:
+        raise LakehouseError(
+            f"{spec.name}: {rejected_rows} rows rejected but {texts} have their text; refusing to write"
+        )
+    parts = StoreParts(store, staging_prefix(batch_id, spec.name))
+    with tempfile.TemporaryDirectory(prefix="lakehouse-finish-") as folder:
+        local = Staging(Path(folder))
+        rejected = _Rejected(local)
+        for frame in parts.frames(_Rejected.KIND, 0):
+            rejected.add(frame)
+        rejected_version, reasons = _write_rejected(
+            store, spec, batch_id, rejected, now or datetime.now(timezone.utc), progress
+        )
+        by_file, by_partition, samples = _rejected_summary(rejected, spec)
+    merges = [*reports["write"].values(), *reports["moves"].values()]
+    inserted = sum(report["inserted"] for report in merges)
+    updated = sum(report["updated"] for report in merges)
+    befores = [
+        delta.TableState(version, frozenset(files))
+        for version, files in zip(state.versions_before, state.files_before)
+    ]
+    table_changes, rejected_changes = (
+        delta.changes_since(uri, before) for uri, before in zip(_step_uris(store, spec.name), befores)
+    )
+    by_stage = {
+        stage: {
+            "seconds": round(sum(report["seconds"] for report in units.values()), 3),
+            "peak_rss_gib": max((report["peak_rss_gib"] for report in units.values()), default=0.0),
+            "units": len(units),
+        }
+        for stage, units in reports.items()
+    }
+    gates_key = f"{staging_prefix(batch_id, spec.name)}/gates.json"
+    step = StepReport(
+        table=spec.name,
+        files=len(manifest.files[spec.name]),
+        rows_in=rows_in,
+        inserted=inserted,
+        updated=updated,
+        unchanged=kept - inserted - updated,
+        rejected=rejected_rows,
+        rejected_by_reason=dict(sorted(reasons.items())),
+        delta_version=table_changes.version,
+        rejected_version=rejected_version,
+        seconds=round(time.time() - state.started, 3),
+        extra_columns={r["file"]: r["extra_columns"] for r in parsed.values() if r["extra_columns"]},
+        empty_files=[r["file"] for r in parsed.values() if r["empty"]],
+        empty_lines={r["file"]: r["empty_lines"] for r in parsed.values() if r["empty_lines"]},
+        notes=[note for key in ("layout_notes", "read_notes") for r in parsed.values() for note in r[key]],
+        skipped_files={entry.key: entry.loaded_by for entry in manifest.files[spec.name] if entry.loaded_by},
+        buckets=state.buckets,
+        groups=state.groups,
+        stages=by_stage,
+        commits=table_changes.commits + rejected_changes.commits,
+        files_added=table_changes.files_added + rejected_changes.files_added,
+        files_read=table_changes.files_removed + rejected_changes.files_removed,
+        schemas=_schemas(spec.name, table_changes, rejected_changes),
+        contract_seconds=round(sum(report["contract_seconds"] for report in merges), 3),
+        gates=_load(store, gates_key) if store.stat(gates_key) else [],
+        rejected_by_file=by_file,
+        rejected_by_partition=by_partition,
+        rejected_samples=samples,
+    )
+    save_step_report(store, batch_id, step)  # before the staged objects go: a finish run again finds it
+    clear_step(store, batch_id, spec.name)
+    return step
+
+
+def clear_step(store: Store, batch_id: str, table: str) -> int:
+    """Remove a table's plan items and staged objects of a batch (after its step report is saved, or when
+    the batch is abandoned); how many objects went."""
+    gone = 0
+    for prefix in (plan_prefix(batch_id, table), f"{staging_prefix(batch_id, table)}/"):
+        for info in store.list(prefix):
+            store.delete(info.key)
+            gone += 1
+    return gone
+
+
+def clear_batch(store: Store, batch_id: str) -> int:
+    """Remove every plan item and staged object of a batch (``lakehouse abandon``)."""
+    gone = 0
+    for prefix in (f"{PLAN}/{batch_id}/", f"{STAGING}/{batch_id}/"):
+        for info in store.list(prefix):
+            store.delete(info.key)
+            gone += 1
+    return gone
+
+
+UnitRunner = Callable[[list[str]], list[dict[str, Any]]]
+
+
+def in_process(store: Store) -> UnitRunner:
+    """Run units one after another in this process (tests; a machine with one worker)."""
+    return lambda items: [run_unit(store, item) for item in items]
+
+
+def in_processes(root: str, workers: int) -> UnitRunner:
+    """Run each unit as a process of its own (``lakehouse stage run``), ``workers`` at a time: what a
+    Distributed Map does with its children, on this machine."""
+
+    store = open_store(root)
+
+    def run(item: str) -> dict[str, Any]:
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "--log-format",
+            "json",
+            "stage",
+            "run",
+            item,
+            "--root",
+            root,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = " / ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise LakehouseError(f"unit {item} failed: {tail}")
+        named = _load(store, item)
+        return _load(
+            store, _unit_report_key(named["batch_id"], named["table"], named["stage"], named["unit"])
+        )
+
+    def run_all(items: list[str]) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(run, items))
+
+    return run_all
+
+
+def run_staged_step(
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    runner: UnitRunner,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    plan: Plan | None = None,
+    gates: GateSettings | None = None,
+    now: datetime | None = None,
+    progress: Progress = _quiet,
+) -> StepReport:
+    """A table's step as the distributed path runs it: each plan, then its units through ``runner``, then
+    the finish (the state machine's order; ``run_step`` gives the same tables and rejected rows)."""
+    progress(f"{spec.name}: planning the parse", event="stage", table=spec.name, stage="plan")
+    runner(plan_stage(store, manifest, spec, "parse", memory_budget=memory_budget, plan=plan))
+    runner(plan_stage(store, manifest, spec, "resolve"))
+    items = plan_stage(store, manifest, spec, "write", gates=gates)
+    for stage in ("write", "moves", "late"):
+        runner([item for item in items if f"/{stage}/" in item])
+    return finish_step(store, manifest, spec, now=now, progress=progress)
