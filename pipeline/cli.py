@@ -533,7 +533,7 @@ def stage_run(
     ),
     root: str = _root_option(),
 ) -> None:
-    """Run the unit a work item names (skipped when its report says it is done)."""
+    """Run the unit a work item names (skipped when its report says it is done); its report on stdout."""
     import json
 
     from pipeline.distributed import run_unit
@@ -549,8 +549,8 @@ def stage_run(
         report = run_unit(store, item)
     if json_logs():
         log_event("info", "unit_report", f"{parts[2]} {parts[3]} unit {parts[4]} done", report=report)
-    else:
-        out.print(json.dumps(report), highlight=False, soft_wrap=True)
+    # The report on stdout whatever the log format: one JSON line, for a script (or a Map's child).
+    print(json.dumps(report))
 
 
 @stage_app.command("finish")
