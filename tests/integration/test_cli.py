@@ -16,10 +16,14 @@ from tests.helpers import run_cli
 
 
 @pytest.mark.parametrize(
-    "command", ["generate", "run", "step", "query", "unlock", "abandon", "cost", "history"]
+    "command",
+    [
+        *("generate", "run", "step", "stage plan", "stage run", "stage finish"),
+        *("query", "unlock", "abandon", "cost", "history"),
+    ],
 )
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(command, "--help") == 0
+    assert run_cli(*command.split(), "--help") == 0
     assert "--root" in capsys.readouterr().out
 
 
