@@ -162,3 +162,24 @@ def test_run_with_two_worker_processes_gives_what_one_task_gives(tmp_path: Path)
     theirs, ours = _sorted_tables(one), _sorted_tables(two)
     for name, frame in theirs.items():
         assert ours[name].equals(frame), name
+
+
+def test_a_crossed_fail_gate_stops_the_write_plan_before_any_merge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch_id = _landed(tmp_path)
+    at = ("--root", str(tmp_path), "--manifest", batch_id)
+    assert run_cli("stage", "plan", "orders", "parse", *at) == 0
+    for stage in ("parse", "resolve"):
+        for item in _items(tmp_path, batch_id, "orders", stage):
+            assert run_cli("stage", "run", item, "--root", str(tmp_path)) == 0
+        if stage == "parse":
+            assert run_cli("stage", "plan", "orders", "resolve", *at) == 0
+    capsys.readouterr()
+    # The generated batch rejects about 1% of its orders: a fail gate at 0.1% is crossed.
+    assert run_cli("stage", "plan", "orders", "write", *at, "--fail-percent", "0.1") == 1
+    assert "gate" in capsys.readouterr().err
+    assert not _items(tmp_path, batch_id, "orders", "write")
+    assert not (tmp_path / "lakehouse-dwh" / "orders").exists()
+    assert run_cli("stage", "plan", "orders", "write", *at, "--fail-percent", "0.1", "--accept-gates") == 0
+    assert _items(tmp_path, batch_id, "orders", "write")
