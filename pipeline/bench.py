@@ -409,6 +409,118 @@ def run_bench(
     }
 
 
+def _worker_figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per table and stage of a distributed run: its units and the largest peak memory of one of them."""
+    return {
+        step["table"]: {
+            stage: {"units": figures["units"], "peak_rss_gib": figures["peak_rss_gib"]}
+            for stage, figures in step.get("stages", {}).items()
+            if isinstance(figures, dict) and "units" in figures
+        }
+        for step in report["steps"]
+    }
+
+
+def _worker_peak(tables: dict[str, dict[str, Any]]) -> float:
+    peaks = [stage["peak_rss_gib"] for stages in tables.values() for stage in stages.values()]
+    return max(peaks, default=0.0)
+
+
+def run_workers_bench(
+    *,
+    scale: float,
+    workers: int,
+    root: str | None = None,
+    seed: int = 42,
+    memory_budget: str,
+    progress: Progress,
+) -> dict[str, Any]:
+    """The distributed path on this machine: one task, then the stages' units as 1 and ``workers``
+    processes of their own, then the batch three times over; each worker's peak memory and the speed-up."""
+    base = Path(root) if root else Path(tempfile.mkdtemp(prefix="lakehouse-bench-workers-"))
+    logs = base / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    phases: list[dict[str, Any]] = []
+    walls: dict[tuple[int, int], float] = {}
+    peaks: dict[tuple[int, int], float] = {}
+    for times in (1, 3):
+        source = base / f"source-{times}x"
+        if source.exists():
+            shutil.rmtree(source)
+        progress(f"generating scale {times * scale}")
+        _measure(
+            f"generate {times}x",
+            _cli("generate", "--root", str(source), "--scale", str(times * scale), "--seed", str(seed)),
+            logs,
+        )
+        runs: list[int | None] = [None, *sorted({1, workers})] if times == 1 else [workers]
+        for count in runs:
+            name = f"{times}x, " + ("one task" if count is None else f"{count} worker(s)")
+            lake = base / name.replace(", ", "-").replace(" ", "-").replace("(", "").replace(")", "")
+            if lake.exists():
+                shutil.rmtree(lake)
+            _link_raw(source, lake)
+            progress(f"{name}: running")
+            argv = _cli("run", "--root", str(lake), "--memory-budget", memory_budget)
+            phase = _measure(name, argv if count is None else [*argv, "--workers", str(count)], logs)
+            report = _latest_report(lake)
+            phase["rows"] = _rows_in(report)
+            phase["rows_per_s"] = round(phase["rows"] / phase["wall_s"])
+            if count is not None:
+                tables = _worker_figures(report)
+                phase["workers"], phase["tables"] = count, tables
+                phase["worker_peak_gib"] = _worker_peak(tables)
+                units = sum(stage["units"] for stages in tables.values() for stage in stages.values())
+                phase["note"] = f"{units} units; largest worker peak {phase['worker_peak_gib']:.2f} GiB"
+                walls[times, count], peaks[times, count] = phase["wall_s"], phase["worker_peak_gib"]
+            phases.append(phase)
+            shutil.rmtree(lake)
+        shutil.rmtree(source)
+    return {
+        "scale": scale,
+        "workers": workers,
+        "memory_budget": memory_budget,
+        "root": str(base),
+        "cpus": os.cpu_count(),
+        "phases": phases,
+        "speed_up": round(walls[1, 1] / walls[1, workers], 2),
+        "worker_peak_3x_vs_1x": round(peaks[3, workers] / peaks[1, workers], 2),
+    }
+
+
+def print_worker_figures(figures: dict[str, Any], console: Console) -> None:
+    """The distributed path's figures: each run, each table's units and their largest peak, the ratios."""
+    table = Table(
+        title=f"distributed path at scale {figures['scale']}, units of {figures['memory_budget']} "
+        f"({figures['cpus']} CPUs)"
+    )
+    for header in ("run", "rows", "wall s", "peak RSS GiB", "rows/s", "note"):
+        table.add_column(header, justify="left" if header in ("run", "note") else "right")
+    for phase in figures["phases"]:
+        table.add_row(
+            phase["phase"],
+            f"{phase['rows']:,}",
+            f"{phase['wall_s']:.2f}",
+            f"{phase['peak_rss_gib']:.2f}",
+            f"{phase['rows_per_s']:,}",
+            phase.get("note", "(the whole run, coordinator and workers)"),
+        )
+    console.print(table)
+    for phase in figures["phases"]:
+        for name, stages in phase.get("tables", {}).items():
+            shown = ", ".join(
+                f"{stage} {value['units']} x peak {value['peak_rss_gib']:.2f} GiB"
+                for stage, value in stages.items()
+                if value["units"]
+            )
+            console.print(f"{phase['phase']}, {name}: {shown}", soft_wrap=True)
+    console.print(
+        f"speed-up, {figures['workers']} workers over 1: {figures['speed_up']}x; largest worker peak, "
+        f"the batch three times over vs once: {figures['worker_peak_3x_vs_1x']}x (target at most 1.1x); "
+        f"files under {figures['root']}"
+    )
+
+
 HOSTILE = {
     "wide header": "a products file whose header has 200,000 extra columns",
     "header quote": "a 2 MB products file whose header opens a quote that never closes",

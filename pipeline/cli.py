@@ -291,6 +291,7 @@ def generate(
 
 
 MEMORY_BUDGET_DEFAULT = "2.75GiB"
+WORKERS_MEMORY_BUDGET = "256MiB"  # the distributed benchmark's units: several per table from scale 0.05 up
 MEMORY_BUDGET_HELP = (
     "Memory a table's step may hold (e.g. 3GiB, 512MiB): a table whose files need more is resolved in "
     "buckets of keys and merged in groups of partitions."
@@ -841,9 +842,35 @@ def bench(
     triple: bool = typer.Option(
         False, "--triple", help="Also load the batch three times over (3x the scale): time and memory growth."
     ),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Instead: the distributed path's benchmark, its units as 1 and N processes, and 3x the batch.",
+    ),
+    memory_budget: str = typer.Option(
+        WORKERS_MEMORY_BUDGET,
+        "--memory-budget",
+        help="With --workers: one unit's budget.",
+        callback=_memory_budget,
+    ),
 ) -> None:
     """Benchmark: floor, full load and input shapes, daily batch, replay, growth, maintenance."""
-    from pipeline.bench import SHAPES, print_figures, run_bench
+    from pipeline.bench import SHAPES, print_figures, print_worker_figures, run_bench, run_workers_bench
+
+    if workers is not None:
+        with _working("benchmark of the distributed path") as progress:
+            figures = run_workers_bench(
+                scale=scale,
+                workers=workers,
+                root=root,
+                seed=seed,
+                memory_budget=memory_budget,
+                progress=progress,
+            )
+        print_worker_figures(figures, out)
+        _write_figures(figures, json_file)
+        return
 
     chosen = None if shapes is None else [name.strip() for name in shapes.split(",") if name.strip()]
     if chosen == ["none"]:
@@ -864,6 +891,10 @@ def bench(
             progress=progress,
         )
     print_figures(figures, out)
+    _write_figures(figures, json_file)
+
+
+def _write_figures(figures: dict[str, Any], json_file: str | None) -> None:
     if json_file:
         import json
         from pathlib import Path

@@ -87,6 +87,22 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "b")
 
 
+@pytest.mark.slow
+def test_benchmark_of_the_distributed_path_smoke_run(tmp_path: Path) -> None:
+    figures_file = tmp_path / "bench.json"
+    at = ["--root", str(tmp_path / "b"), "--json", str(figures_file)]
+    main(["bench", "--scale", "0.002", "--workers", "2", "--memory-budget", "4MiB", *at])
+    figures = json.loads(figures_file.read_text())
+    phases = {phase["phase"]: phase for phase in figures["phases"]}
+    assert list(phases) == ["1x, one task", "1x, 1 worker(s)", "1x, 2 worker(s)", "3x, 2 worker(s)"]
+    assert phases["1x, 2 worker(s)"]["rows"] == phases["1x, one task"]["rows"]
+    assert 2.5 < phases["3x, 2 worker(s)"]["rows"] / phases["1x, one task"]["rows"] < 3.5
+    items = phases["3x, 2 worker(s)"]["tables"]["order_items"]
+    assert items["parse"]["units"] >= 1 and items["write"]["units"] > 1 and items["write"]["peak_rss_gib"] > 0
+    assert figures["speed_up"] > 0 and figures["worker_peak_3x_vs_1x"] > 0
+    shutil.rmtree(tmp_path / "b")
+
+
 def _loaded(lake: Path) -> tuple[dict[str, pl.DataFrame], dict[str, list[tuple[str, ...]]]]:
     """The lakehouse tables (timestamps to the second) and each table's rejected reasons, sorted."""
     from pipeline.batch import rejected_uri
