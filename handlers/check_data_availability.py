@@ -33,10 +33,26 @@ def _root_prefix() -> str:
     return _root()[len("s3://") :].partition("/")[2]
 
 
+def execution_input(root: str, manifest: Manifest) -> dict[str, Any]:
+    """What an execution starts from: where the lakehouse is (its bucket and key prefix too, for the
+    Distributed Map's listing of work items) and the batch, with the bytes it will load (which path)."""
+    bucket, _, prefix = root[len("s3://") :].partition("/")
+    return {
+        "root": root,
+        "bucket": bucket,
+        "prefix": f"{prefix.strip('/')}/" if prefix.strip("/") else "",
+        "batch_id": manifest.batch_id,
+        "manifest": manifest.key,
+        "bytes": sum(
+            entry.size for entries in manifest.files.values() for entry in entries if not entry.loaded_by
+        ),
+    }
+
+
 def start_execution(manifest: Manifest, name: str) -> None:
     """Start the state machine for ``manifest`` as execution ``name``."""
     stepfunctions = boto3.client("stepfunctions")
-    payload = {"root": _root(), "batch_id": manifest.batch_id, "manifest": manifest.key}
+    payload = execution_input(_root(), manifest)
     try:
         stepfunctions.start_execution(
             stateMachineArn=os.environ["STATE_MACHINE_ARN"], name=name, input=json.dumps(payload)

@@ -38,6 +38,7 @@ from pipeline.report import (
 from pipeline.specs import TABLES
 from pipeline.storage import Store, open_store
 from pipeline.trigger import start_ready_batch
+from pipeline.workitems import units_not_done
 
 SERVICE = "ecommerce-lakehouse"
 # CloudWatch metrics of each succeeded batch (infra/lakehouse_infra/stack.py alarms on RejectedShare).
@@ -174,6 +175,13 @@ def _failure(store: Store, event: dict[str, Any]) -> dict[str, Any]:
     lines += [f"Cause: {sentence}" for sentence in steps.values()] or [f"Cause: {cause}"]
     if steps:
         lines.append(f"As the state machine reported it: {cause}")
+    pending = units_not_done(store, event["batch_id"])
+    if pending:
+        # A unit whose task was stopped (out of memory, a Spot interruption) says nothing itself.
+        shown = ", ".join(" ".join(key.split("/")[2:]).removesuffix(".json") for key in pending[:10])
+        lines.append(
+            f"Units not done: {shown}" + (f" and {len(pending) - 10} more" if len(pending) > 10 else "")
+        )
     lines.append("Its raw files stay in raw/; the next upload (or a re-run) resumes the batch.")
     message = "\n".join(lines)
     return {"subject": f"Lakehouse batch {event['batch_id']} FAILED", "message": message}

@@ -530,7 +530,8 @@ def stage_plan(
 @stage_app.command("run")
 def stage_run(
     item: str = typer.Argument(
-        ..., help="A work item: its key under ROOT (plan/<batch>/<table>/<stage>/N.json)."
+        ...,
+        help="A work item: its key under ROOT (plan/<batch>/<table>/<stage>/N.json), or its full URI.",
     ),
     root: str = _root_option(),
 ) -> None:
@@ -540,6 +541,10 @@ def stage_run(
     from pipeline.distributed import run_unit
 
     store = _store(root)
+    # A Distributed Map's child knows its item by the object's full location (what S3 listed).
+    at_root = store.uri("plan")[: -len("plan")]
+    if item.startswith(at_root):
+        item = item[len(at_root) :]
     parts = item.split("/")
     if len(parts) != 5 or parts[0] != "plan":
         raise typer.BadParameter(

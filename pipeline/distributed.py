@@ -60,7 +60,7 @@ from pipeline.manifest import Manifest, ManifestFile, read_manifest
 from pipeline.progress import Progress
 from pipeline.progress import quiet as _quiet
 from pipeline.reader import ReadStats, count_empty_lines, read_chunks, read_layout
-from pipeline.report import StepReport, save_step_report
+from pipeline.report import StepReport, load_step_report, save_step_report
 from pipeline.specs import TableSpec, get_spec
 from pipeline.stages import (
     BUCKET,
@@ -75,27 +75,20 @@ from pipeline.stages import (
 from pipeline.stages import peak_rss as process_peak_rss
 from pipeline.storage import Store, open_store
 from pipeline.validate import polars_type
+from pipeline.workitems import (
+    PLAN,
+    PLANNED,
+    STAGES,
+    STAGING,
+    plan_prefix,
+    planned_key,
+    staging_prefix,
+    unit_report_key,
+)
 
-PLAN = "plan"
-STAGING = "staging"
-STAGES = ("parse", "resolve", "write", "moves", "late")
-# What each plan writes items for: the write plan judges the gates once, for the three stages after it.
-PLANNED = {"parse": ("parse",), "resolve": ("resolve",), "write": ("write", "moves", "late")}
 # The smallest row a CSV of these tables can hold (an order item with one-digit values): the batch's
 # rows at most, to size the buckets by the stored rows they may meet without reading the files.
 MIN_ROW_BYTES = 20
-
-
-def plan_prefix(batch_id: str, table: str, stage: str | None = None) -> str:
-    return f"{PLAN}/{batch_id}/{table}/" + (f"{stage}/" if stage else "")
-
-
-def staging_prefix(batch_id: str, table: str) -> str:
-    return f"{STAGING}/{batch_id}/{table}"
-
-
-def _unit_report_key(batch_id: str, table: str, stage: str, unit: int) -> str:
-    return f"{staging_prefix(batch_id, table)}/units/{stage}/{unit:05d}.json"
 
 
 def _state_key(batch_id: str, table: str) -> str:
@@ -174,12 +167,16 @@ def _state(store: Store, batch_id: str, table: str) -> StepState:
 
 
 def _items(store: Store, state: StepState, stage: str, units: list[int]) -> list[str]:
-    """Write one item per unit of ``stage`` (replacing any earlier plan of it); their keys."""
+    """Plan ``units`` as ``stage``'s (replacing any earlier plan of it) and write one item for each unit
+    without a report; the keys of the items written. A resumed batch's Map lists only the units to run."""
     prefix = plan_prefix(state.batch_id, state.table, stage)
     for info in store.list(prefix):
         store.delete(info.key)
+    _save(store, planned_key(state.batch_id, state.table, stage), units)
     keys = []
     for unit in units:
+        if store.stat(unit_report_key(state.batch_id, state.table, stage, unit)) is not None:
+            continue
         key = f"{prefix}{unit:05d}.json"
         _save(store, key, {"batch_id": state.batch_id, "table": state.table, "stage": stage, "unit": unit})
         keys.append(key)
@@ -188,14 +185,12 @@ def _items(store: Store, state: StepState, stage: str, units: list[int]) -> list
 
 def _unit_reports(store: Store, state: StepState, stage: str) -> dict[int, dict[str, Any]]:
     """The reports of the planned units of ``stage``; an error naming any unit without one."""
-    planned = sorted(
-        int(Path(info.key).stem)
-        for info in store.list(plan_prefix(state.batch_id, state.table, stage))
-        if info.key.endswith(".json")
-    )
+    planned = planned_key(state.batch_id, state.table, stage)
+    if store.stat(planned) is None:
+        raise LakehouseError(f"{state.table} of batch {state.batch_id}: {stage} is not planned")
     reports, missing = {}, []
-    for unit in planned:
-        key = _unit_report_key(state.batch_id, state.table, stage, unit)
+    for unit in _load(store, planned):
+        key = unit_report_key(state.batch_id, state.table, stage, unit)
         if store.stat(key) is None:
             missing.append(unit)
         else:
@@ -229,6 +224,10 @@ def plan_stage(
     if stage not in PLANNED:
         raise UsageError(f"no plan for stage {stage!r}; plans are {', '.join(PLANNED)}")
     batch_id = manifest.batch_id
+    if load_step_report(store, batch_id, spec.name) is not None:
+        # A resumed batch whose step of this table finished (its plan and staging went with the finish):
+        # nothing to run, and planning again would load the files a second time.
+        return []
     if stage == "parse" and store.stat(_state_key(batch_id, spec.name)) is not None:
         # Planned already (a resumed batch): the same cut, or the units done would not fit the rest.
         state = _state(store, batch_id, spec.name)
@@ -329,7 +328,7 @@ def run_unit(store: Store, item: str) -> dict[str, Any]:
         raise UsageError(f"no work item {store.uri(item)}")
     named = _load(store, item)
     batch_id, table, stage, unit = named["batch_id"], named["table"], named["stage"], int(named["unit"])
-    report_key = _unit_report_key(batch_id, table, stage, unit)
+    report_key = unit_report_key(batch_id, table, stage, unit)
     if store.stat(report_key) is not None:
         return {**_load(store, report_key), "skipped": True}
     spec, manifest = get_spec(table), read_manifest(store, batch_id)
@@ -624,9 +623,7 @@ def in_processes(root: str, workers: int) -> UnitRunner:
             tail = " / ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
             raise LakehouseError(f"unit {item} failed: {tail}")
         named = _load(store, item)
-        return _load(
-            store, _unit_report_key(named["batch_id"], named["table"], named["stage"], named["unit"])
-        )
+        return _load(store, unit_report_key(named["batch_id"], named["table"], named["stage"], named["unit"]))
 
     def run_all(items: list[str]) -> list[dict[str, Any]]:
         with ThreadPoolExecutor(max_workers=workers) as pool:

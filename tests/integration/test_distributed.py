@@ -113,12 +113,18 @@ def test_a_unit_run_again_is_skipped_and_a_stage_planned_again_keeps_what_is_don
     again = json.loads(capsys.readouterr().out)
     assert again["skipped"] is True and again["rows_in"] == done["rows_in"]
     assert sorted((tmp_path / staging_prefix(batch_id, "products")).rglob("*.arrow")) == staged
-    # A resumed batch plans again: the items are the same, the finished unit's report stays.
+    # A resumed batch plans again: only the units not done get items (its Map starts no task for the
+    # finished one), and the finished unit's report still counts for the stage after.
     assert run_cli(*plan) == 0
-    assert _items(tmp_path, batch_id, "products", "parse") == [first, *rest]
+    assert _items(tmp_path, batch_id, "products", "parse") == rest
     capsys.readouterr()
-    assert run_cli("stage", "run", first, *at) == 0
-    assert json.loads(capsys.readouterr().out)["skipped"] is True
+    assert run_cli("stage", "run", first, *at) == 1
+    assert "no work item" in capsys.readouterr().err
+    for item in rest:  # by full location, as a Distributed Map's child names its item
+        assert run_cli("stage", "run", str(tmp_path / item), *at) == 0
+        assert json.loads(capsys.readouterr().out)["stage"] == "parse"
+    assert run_cli("stage", "plan", "products", "resolve", *at, "--manifest", batch_id) == 0
+    assert "work item(s) planned" in capsys.readouterr().out
 
 
 def test_stage_commands_refuse_what_is_not_theirs_in_one_sentence(

@@ -31,6 +31,9 @@ PLACEHOLDERS = {
     "GlueDatabase": "ecommerce_dwh",
     "AthenaWorkGroup": "ecommerce-lakehouse",
     "TopicArn": "arn:aws:sns:us-east-1:123456789012:ecommerce-etl-notifications",
+    "DistributedThresholdBytes": "53687091200",
+    "DistributedMaxConcurrency": "40",
+    "UnitMemoryBudget": "2.75GiB",
 }
 
 
@@ -133,3 +136,64 @@ def test_crawlers_run_only_as_the_catalog_changes_say() -> None:
     inner = crawl["ItemProcessor"]["States"]
     assert inner["StartCrawler"]["Parameters"] == {"Name.$": "$.name"}
     assert inner["CrawlFailed"]["Type"] == "Fail"
+
+
+def test_the_distributed_path_runs_the_stages_of_pipeline_distributed_table_after_table() -> None:
+    from pipeline.distributed import PLANNED, STAGES
+
+    top = json.loads(rendered())["States"]
+    stages = top["Configure"]["Parameters"]["stages"]
+    tables = [step["table"] for step in top["Configure"]["Parameters"]["steps"]]
+    assert [s["table"] for s in stages] == [t for t in tables for _ in range(len(stages) // len(tables))]
+    for table in tables:
+        actions = [(s["do"], s["stage"]) for s in stages if s["table"] == table]
+        assert [stage for do, stage in actions if do == "run"] == list(STAGES)
+        assert actions[-1] == ("finish", "")
+        # Each plan comes right before the first stage it plans, and after every stage before that.
+        for plan, planned in PLANNED.items():
+            at = actions.index(("plan", plan))
+            assert actions[at + 1] == ("run", planned[0])
+            assert all(("run", stage) in actions[:at] for stage in STAGES[: STAGES.index(planned[0])])
+    choose = top["ChoosePath"]
+    (rule,) = choose["Choices"]
+    assert rule["Next"] == "StartStages" and choose["Default"] == "ProcessTables"
+    assert {"Variable": "$.runner", "StringEquals": "fargate"} in rule["And"]
+    assert top["MoreStages"]["Default"] == "ArchiveFiles"
+
+
+def test_the_units_are_distributed_map_children_over_the_plan_prefix() -> None:
+    from pipeline.distributed import plan_prefix
+
+    top = json.loads(rendered())["States"]
+    units = top["RunUnits"]
+    assert units["ItemProcessor"]["ProcessorConfig"] == {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"}
+    reader = units["ItemReader"]
+    assert reader["Resource"] == "arn:aws:states:::s3:listObjectsV2"
+    prefix = reader["Parameters"]["Prefix.$"]
+    assert prefix.startswith("States.Format('{}" + plan_prefix("{}", "{}", "{}") + "'")
+    # No failure tolerated (the default 0): one failed unit fails the Map and so the batch.
+    assert not {key for key in units if key.startswith("ToleratedFailure")}
+    assert units["MaxConcurrencyPath"] == "$.distributed.max_concurrency"
+    # Results go to S3 (beside the plan, removed with it): thousands of children overflow a state's 256 KiB.
+    assert units["ResultWriter"]["Resource"] == "arn:aws:states:::s3:putObject"
+    assert "ReaderConfig" not in reader and "Label" not in units
+    run_unit = units["ItemProcessor"]["States"]["RunUnit"]
+    command = run_unit["Parameters"]["Overrides"]["ContainerOverrides"][0]["Command.$"]
+    assert command == "States.Array('stage', 'run', $.item, '--root', $.root)"
+    assert units["ItemSelector"]["item.$"] == "States.Format('s3://{}/{}', $.bucket, $$.Map.Item.Value.Key)"
+
+
+def test_every_fargate_task_runs_the_same_task_definition_alike() -> None:
+    found = {
+        name: state["Parameters"]
+        for name, state in states(json.loads(rendered())).items()
+        if state.get("Resource") == "arn:aws:states:::ecs:runTask.sync"
+    }
+    assert set(found) == {"RunFargateTask", "RunStageTask", "RunUnit"}
+
+    def without_command(parameters: dict[str, Any]) -> dict[str, Any]:
+        overrides = parameters["Overrides"]["ContainerOverrides"][0]
+        return {**parameters, "Overrides": {"ContainerOverrides": [{"Name": overrides["Name"]}]}}
+
+    shapes = [without_command(parameters) for parameters in found.values()]
+    assert all(shape == shapes[0] for shape in shapes)
