@@ -120,7 +120,8 @@ def s3_requests(steps: Sequence[StepReport], raw_files: int, raw_bytes: int) -> 
 
 def local_transitions(tables: int, crawls: int, checks: int) -> int:
     """The state transitions of a batch that polls each wait once (the state machine's happy path)."""
-    processing = 2 + 2 * tables  # Configure, the Map, and per table: choose the runner, run the step
+    # Configure, the choice of path, the Map, and per table: choose the runner, run the step
+    processing = 3 + 2 * tables
     catalog = 3 + crawls * 10  # ArchiveFiles, PlanCatalog, the Map; per crawl 7 states and one poll
     counting = 1 + 7 * checks  # the Map; per table: start, wait, get, done?, read, empty?, counted
     return processing + catalog + counting + 2  # FinishSucceeded, NotifySuccess

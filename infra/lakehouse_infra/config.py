@@ -43,6 +43,11 @@ class LakehouseConfig:
     """Run steps on Fargate Spot (about 70% cheaper; an interrupted step fails the batch, which resumes)."""
     nat_gateways: int = 1
     """NAT gateways of the task VPC (1 is cheapest; 2 survives the loss of an availability zone)."""
+    distributed_threshold_gib: float = 50.0
+    """A batch of this many GiB of CSV or more runs as stages whose units are Fargate tasks of their own
+    (Distributed Maps); below it, one task per table. Fargate runner only."""
+    distributed_max_concurrency: int = 40
+    """Units running at once in a Distributed Map (each a Fargate task: mind the account's vCPU quota)."""
     glue_max_capacity: float = 1.0
     """DPUs of each Glue Python-shell job: 0.0625 or 1."""
     archive_infrequent_access_days: int = 30
@@ -96,6 +101,14 @@ class LakehouseConfig:
         if not 0 <= self.reject_share_alarm_percent < 100:
             raise ConfigError(
                 f"reject_share_alarm_percent must be 0 to under 100, not {self.reject_share_alarm_percent}"
+            )
+        if not self.distributed_threshold_gib > 0:
+            raise ConfigError(
+                f"distributed_threshold_gib must be above 0, not {self.distributed_threshold_gib}"
+            )
+        if not 1 <= self.distributed_max_concurrency <= 10_000:
+            raise ConfigError(
+                f"distributed_max_concurrency must be 1..10000, not {self.distributed_max_concurrency}"
             )
         if self.glue_max_capacity not in (0.0625, 1.0):
             raise ConfigError(f"glue_max_capacity must be 0.0625 or 1, not {self.glue_max_capacity}")

@@ -88,6 +88,10 @@ class LakehouseStack(Stack):
             "GlueDatabase": DATABASE,
             "AthenaWorkGroup": catalog.workgroup.ref,
             "TopicArn": notifications.topic.topic_arn,
+            "DistributedThresholdBytes": str(int(config.distributed_threshold_gib * 2**30)),
+            "DistributedMaxConcurrency": str(config.distributed_max_concurrency),
+            # A unit's budget is the task's memory less what the process itself takes (2.75 of 4 GiB).
+            "UnitMemoryBudget": f"{config.fargate_memory_mib * 11 // 16}MiB",
         }
         fargate: FargateRunner | None = None
         glue: GlueRunner | None = None
@@ -174,6 +178,7 @@ class LakehouseStack(Stack):
         if fargate is not None:
             self._grant_step(bucket, fargate.task_role)
             self._grant_fargate_runs(role, fargate)
+            self._grant_distributed_maps(role, bucket)
         if glue is not None:
             self._grant_step(bucket, glue.role)
             role.add_to_policy(
@@ -315,8 +320,34 @@ class LakehouseStack(Stack):
         """A step reads raw/ and manifests/ and writes the tables, rejected rows and reports."""
         bucket.grant_read(role, "raw/*")
         bucket.grant_read(role, "manifests/*")
-        for prefix in ("lakehouse-dwh/*", "rejected/*", "reports/*"):
+        # plan/ and staging/: the distributed path's work items and the frames its units hand on.
+        for prefix in ("lakehouse-dwh/*", "rejected/*", "reports/*", "plan/*", "staging/*"):
             bucket.grant_read_write(role, prefix)
+
+    def _grant_distributed_maps(self, role: iam.IRole, bucket: s3.IBucket) -> None:
+        """What a Distributed Map needs: list its items under plan/, start and watch its child executions."""
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="ListWorkItems",
+                actions=["s3:ListBucket"],
+                resources=[bucket.bucket_arn],
+                conditions={"StringLike": {"s3:prefix": ["plan/*"]}},
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="StartUnitChildren",
+                actions=["states:StartExecution"],
+                resources=[state_machine_arn(self)],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="WatchUnitChildren",
+                actions=["states:DescribeExecution", "states:StopExecution"],
+                resources=[execution_arns(self)],
+            )
+        )
 
     def _grant_fargate_runs(self, role: iam.IRole, fargate: FargateRunner) -> None:
         """What ``ecs:runTask.sync`` needs: run, watch and stop the task, pass its roles, its event rule."""

@@ -514,6 +514,10 @@ def test_state_machine_role_has_exactly_the_actions_of_its_states(
             "events:PutTargets",
             "events:PutRule",
             "events:DescribeRule",
+            # The distributed path's Maps: their STANDARD children are executions of this state machine.
+            "states:StartExecution",
+            "states:DescribeExecution",
+            "states:StopExecution",
         },
         "glue": {"glue:StartJobRun", "glue:GetJobRun", "glue:GetJobRuns", "glue:BatchStopJobRun"},
     }
@@ -707,3 +711,21 @@ def test_a_table_s_rejected_share_above_the_threshold_alarms_to_the_topic(
     assert thresholds == {2.5}
     with pytest.raises(ConfigError, match="reject_share_alarm_percent"):
         synthesize(tmp_path / "bad", reject_share_alarm_percent="100")
+
+
+def test_the_distributed_path_is_granted_and_configured(fargate_template: Template) -> None:
+    """The Maps list plan/ only and start, watch and stop only this state machine's executions; the
+    threshold and concurrency reach the definition from context."""
+    found = statements(fargate_template, state_machine_role(fargate_template))
+    by_sid = {statement.get("Sid"): statement for statement in found}
+    assert by_sid["ListWorkItems"]["Action"] == "s3:ListBucket"
+    assert by_sid["ListWorkItems"]["Condition"] == {"StringLike": {"s3:prefix": ["plan/*"]}}
+    assert by_sid["StartUnitChildren"]["Action"] == "states:StartExecution"
+    assert "stateMachine" in json.dumps(by_sid["StartUnitChildren"]["Resource"])
+    assert set(by_sid["WatchUnitChildren"]["Action"]) == {"states:DescribeExecution", "states:StopExecution"}
+    assert "execution" in json.dumps(by_sid["WatchUnitChildren"]["Resource"])
+    (machine,) = resources(fargate_template, "AWS::StepFunctions::StateMachine").values()
+    substitutions = machine["Properties"]["DefinitionSubstitutions"]
+    assert substitutions["DistributedThresholdBytes"] == str(50 * 2**30)
+    assert substitutions["DistributedMaxConcurrency"] == "40"
+    assert substitutions["UnitMemoryBudget"] == "2816MiB"

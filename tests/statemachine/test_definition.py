@@ -174,10 +174,11 @@ def test_the_units_are_distributed_map_children_over_the_plan_prefix() -> None:
     # No failure tolerated (the default 0): one failed unit fails the Map and so the batch.
     assert not {key for key in units if key.startswith("ToleratedFailure")}
     assert units["MaxConcurrencyPath"] == "$.distributed.max_concurrency"
-    # Results go to S3 (beside the plan, removed with it): thousands of children overflow a state's 256 KiB.
-    assert units["ResultWriter"]["Resource"] == "arn:aws:states:::s3:putObject"
+    # The Map gathers its children's outputs into one state (256 KiB at most): each child's is {}.
+    assert "ResultWriter" not in units and units["ResultPath"] is None
     assert "ReaderConfig" not in reader and "Label" not in units
     run_unit = units["ItemProcessor"]["States"]["RunUnit"]
+    assert run_unit["OutputPath"] is None
     command = run_unit["Parameters"]["Overrides"]["ContainerOverrides"][0]["Command.$"]
     assert command == "States.Array('stage', 'run', $.item, '--root', $.root)"
     assert units["ItemSelector"]["item.$"] == "States.Format('s3://{}/{}', $.bucket, $$.Map.Item.Value.Key)"
