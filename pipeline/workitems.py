@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.specs import TABLES
 from pipeline.storage import Store
 
 PLAN = "plan"
 STAGING = "staging"
-TABLE_ORDER = ("products", "orders", "order_items")  # the steps' order (order_items resolves last)
 STAGES = ("parse", "resolve", "write", "moves", "late")
 # What each plan writes items for: the write plan judges the gates once, for the three stages after it.
 PLANNED = {"parse": ("parse",), "resolve": ("resolve",), "write": ("write", "moves", "late")}
@@ -37,10 +37,10 @@ def units_not_done(store: Store, batch_id: str) -> list[str]:
     for info in store.list(f"{PLAN}/{batch_id}/"):
         parts = info.key.split("/")
         if len(parts) != 5 or parts[3] not in STAGES or not info.key.endswith(".json"):
-            continue  # not an item (a Map's results, say)
+            continue  # not a work item
         if store.stat(unit_report_key(batch_id, parts[2], parts[3], int(Path(parts[4]).stem))) is None:
             pending.append(info.key)
-    order = {table: index for index, table in enumerate(TABLE_ORDER)}
+    order = {table: index for index, table in enumerate(TABLES)}  # the steps' order
     return sorted(
         pending, key=lambda key: (order.get(key.split("/")[2], 9), STAGES.index(key.split("/")[3]), key)
     )

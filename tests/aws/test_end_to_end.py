@@ -53,10 +53,6 @@ PROJECT = Path(__file__).resolve().parents[2]
 FAILURES: dict[str, bool] = {}
 # The crawlers started, in order (every StartCrawler call the state machine makes).
 CRAWLS: list[str] = []
-# Every command an ECS task ran, in order (a spy); and the next task whose command names one of KILLS is
-# stopped before its container runs, as an out-of-memory kill or a Spot interruption stops one.
-COMMANDS: list[list[str]] = []
-KILLS: set[str] = set()
 CRAWLER, REJECTED_CRAWLER = "ecommerce-lakehouse-crawler", "ecommerce-lakehouse-rejected-crawler"
 
 
@@ -168,20 +164,14 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
         tasks = real_run_task(self, *args, **kwargs)
         overrides = kwargs.get("overrides") or (args[3] if len(args) > 3 else None) or {}
         command = overrides["containerOverrides"][0]["command"]
-        COMMANDS.append(list(command))
-        killed = next((name for name in sorted(KILLS) if any(name in part for part in command)), None)
-        if killed is not None:
-            KILLS.discard(killed)
-            done = subprocess.CompletedProcess(command, 137, "", "OutOfMemoryError: container killed")
-        else:
-            done = subprocess.run(
-                [sys.executable, "-m", "pipeline", *command],
-                env=child_env,
-                capture_output=True,
-                text=True,
-                check=False,
-                cwd=PROJECT,
-            )
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *command],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=PROJECT,
+        )
         for task in tasks:
             # The container ran to completion above, so the task is over.
             task.last_status = "STOPPED"
@@ -334,63 +324,6 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
             super().__init__(error_name=error_name)
 
     monkeypatch.setattr(iteration_worker, "CustomErrorName", IterationErrorName)
-
-    # A Distributed Map's listObjectsV2 reader: AWS gives no item for an empty listing (a stage with no
-    # unit, such as moves in a batch that moves no row); moto's reads the listing's absent "Contents".
-    from moto.stepfunctions.parser.asl.component.state.exec.state_map.item_reader.eval import (
-        resource_eval_s3 as item_reader_s3,
-    )
-
-    def list_objects_v2(env: Any, resource_runtime_part: Any, state_credentials: Any) -> None:
-        from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
-
-        client = boto_client_for(
-            region=resource_runtime_part.region, service="s3", state_credentials=state_credentials
-        )
-        env.stack.append(client.list_objects_v2(**env.stack.pop()).get("Contents", []))
-
-    monkeypatch.setattr(
-        item_reader_s3.ResourceEvalS3, "_handle_list_objects_v2", staticmethod(list_objects_v2)
-    )
-
-    # A Distributed Map fails once more children failed than it tolerates (this definition tolerates
-    # none), with AWS's error and cause; moto's map run counts the failed children and succeeds.
-    from moto.stepfunctions.parser.api import ExecutionFailedEventDetails, HistoryEventType
-    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import (
-        FailureEvent,
-        FailureEventException,
-    )
-    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
-    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name_type import (
-        StatesErrorNameType,
-    )
-    from moto.stepfunctions.parser.asl.component.state.exec.state_map.iteration import (
-        distributed_iteration_component as distributed,
-    )
-    from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
-
-    real_map_run = distributed.DistributedIterationComponent._map_run
-
-    def map_run(self: Any, env: Any, eval_input: Any) -> None:
-        real_map_run(self, env, eval_input)
-        failed = eval_input.map_run_record.item_counter.failed.get()
-        if failed:
-            env.stack.pop()  # the children's outputs
-            error = StatesErrorNameType.StatesExceedToleratedFailureThreshold
-            details = ExecutionFailedEventDetails(
-                error=error.to_name(), cause="The specified tolerated failure threshold was exceeded"
-            )
-            raise FailureEventException(
-                FailureEvent(
-                    env=env,
-                    error_name=StatesErrorName(typ=error),
-                    event_type=HistoryEventType.MapRunFailed,
-                    # moto's TypedDict lists every kind of details; an event carries one.
-                    event_details=EventDetails(executionFailedEventDetails=details),  # type: ignore[typeddict-item]
-                )
-            )
-
-    monkeypatch.setattr(distributed.DistributedIterationComponent, "_map_run", map_run)
 
     def short_wait(self: Any, env: Any, wait_seconds: int) -> None:
         env.program_state_event.wait(min(wait_seconds, 0.05))

@@ -189,3 +189,32 @@ def test_a_crossed_fail_gate_stops_the_write_plan_before_any_merge(
     assert not (tmp_path / "lakehouse-dwh" / "orders").exists()
     assert run_cli("stage", "plan", "orders", "write", *at, "--fail-percent", "0.1", "--accept-gates") == 0
     assert _items(tmp_path, batch_id, "orders", "write")
+
+
+def test_the_units_not_done_are_those_planned_without_a_report_in_plan_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.workitems import units_not_done
+
+    batch_id = _landed(tmp_path)
+    at = ("--root", str(tmp_path))
+    for table in ("order_items", "products"):  # planned out of order: listed in the steps' order
+        plan = ("stage", "plan", table, "parse", *at, "--manifest", batch_id, "--memory-budget", "64KiB")
+        assert run_cli(*plan) == 0
+    products = _items(tmp_path, batch_id, "products", "parse")
+    items = _items(tmp_path, batch_id, "order_items", "parse")
+    assert len(products) > 1 and items
+    assert units_not_done(open_store(str(tmp_path)), batch_id) == products + items
+    assert run_cli("stage", "run", products[0], *at) == 0
+    assert units_not_done(open_store(str(tmp_path)), batch_id) == products[1:] + items
+    # What FinishBatch tells of a failed batch: the units left, as "<table> <stage> <unit>".
+    from handlers.finish_batch import _failure
+
+    message = _failure(open_store(str(tmp_path)), {"batch_id": batch_id, "error": "X", "cause": "y"})[
+        "message"
+    ]
+    left = products[1:] + items
+    shown = ", ".join(" ".join(key.split("/")[2:]).removesuffix(".json") for key in left[:10])
+    assert f"Units not done: {shown}" in message
+    assert f"Units not done: products parse {Path(products[1]).stem}, " in message
+    assert (f" and {len(left) - 10} more" in message) == (len(left) > 10)
