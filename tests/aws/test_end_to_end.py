@@ -1,41 +1,31 @@
-"""The whole chain on a moto server: upload -> S3 event -> SQS -> trigger -> Step Functions (executed by
-moto) -> ECS tasks running our real step command -> archive Lambda -> crawler -> Athena -> SNS -> SQS.
-
-moto runs the state machine itself (its ``execute_state_machine`` setting). Where moto stops short of
-AWS, small test-side patches bridge it, each commented; they are written for the moto pinned in
-pyproject.toml (>=5.1,<6) and reach into its internals on purpose:
-- ECS ``RunTask`` starts no container: the patch runs the task's command as a subprocess of the real
-  ``lakehouse`` CLI against the moto bucket, and the ``.sync`` integration fails the state when the
-  container exited non-zero, as AWS does;
-- Lambda without Docker runs no code: the patch calls our handler module for the function's name;
-- Athena executes no SQL: the patch answers ``SELECT COUNT(*) FROM ecommerce_dwh.<table>`` honestly,
-  from the Delta table;
-- Wait states really wait: the patch caps a wait at 50 ms so a test takes seconds, not minutes.
-"""
+"""The whole chain on a moto server (``tests.aws.moto_chain``), on the single-task path: upload -> S3 event
+-> SQS -> trigger -> Step Functions -> an ECS task (or a Glue job) per table running our real step command
+-> archive Lambda -> crawler -> Athena -> SNS -> SQS."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import os
-import re
-import socket
-import subprocess
 import sys
-import time
-import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from urllib.request import Request, urlopen
 
 import boto3
 import polars as pl
 import pytest
 
-from tests.aws.conftest import lambda_context
-from tests.statemachine.test_definition import rendered
+from tests.aws.moto_chain import (
+    BUCKET,
+    CRAWLER,
+    CRAWLS,
+    FAILURES,
+    REJECTED_CRAWLER,
+    ROOT,
+    deliver_events,
+    deployed_chain,
+    land_day,
+    notifications,
+    raw_keys,
+    wait_for_executions,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,511 +34,12 @@ pytestmark = [
     pytest.mark.skipif(sys.version_info < (3, 10), reason="written for moto 5.2 (Python >= 3.10)"),
 ]
 
-BUCKET = "e2e-lake"
-ROOT = f"s3://{BUCKET}/lakehouse"
-ACCOUNT = "123456789012"
-REGION = "us-east-1"
-PROJECT = Path(__file__).resolve().parents[2]
-# Lambda functions whose next invocation fails (a test injects a failure by adding a name).
-FAILURES: dict[str, bool] = {}
-# The crawlers started, in order (every StartCrawler call the state machine makes).
-CRAWLS: list[str] = []
-CRAWLER, REJECTED_CRAWLER = "ecommerce-lakehouse-crawler", "ecommerce-lakehouse-rejected-crawler"
-
-
-ORDER_HEADER = b"order_num,order_id,user_id,order_timestamp,total_amount,date\n"
-ITEM_HEADER = (
-    b"id,order_id,user_id,days_since_prior_order,product_id,"
-    b"add_to_cart_order,reordered,order_timestamp,date\n"
-)
-
-
-PRODUCT_HEADER = b"product_id,department_id,department,product_name\n"
-
-
-def _land_day(n: int, amount: bytes = b"4.5") -> None:
-    """Land one product, one order (id 900000 + n, on 2025-06-n) and its item, one file per dataset."""
-    from pipeline.storage import open_store
-
-    store = open_store(ROOT)
-    day, order, product = f"2025-06-{n:02d}".encode(), str(900_000 + n).encode(), str(9_000 + n).encode()
-    store.write_bytes(f"raw/products/p{n}.csv", PRODUCT_HEADER + product + b",1,x,y\n")
-    store.write_bytes(
-        f"raw/orders/o{n}.csv",
-        ORDER_HEADER + b"1," + order + b",1," + day + b"T10:00:00," + amount + b"," + day + b"\n",
-    )
-    store.write_bytes(
-        f"raw/order_items/i{n}.csv",
-        ITEM_HEADER + order + b"," + order + b",1,," + product + b",1,0," + day + b"T10:00:00," + day + b"\n",
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _aws_environment(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_ALLOW_HTTP": "true",
-    }
-
-
-def _recase(value: Any, first: Any) -> Any:
-    """``value`` with every dict key's first letter passed through ``first`` (camelCase <-> PascalCase)."""
-    if isinstance(value, dict):
-        return {first(key[:1]) + key[1:]: _recase(item, first) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_recase(item, first) for item in value]
-    return value
-
-
-def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
-    from moto.athena.models import AthenaBackend, QueryResults
-    from moto.awslambda_simple.models import LambdaSimpleBackend
-    from moto.ecs.models import EC2ContainerServiceBackend
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
-        state_task_service_ecs,
-    )
-    from moto.stepfunctions.parser.asl.component.state.wait.wait_function import wait_function
-
-    from handlers import archive_files, catalog_changes, finish_batch
-
-    child_env = {**os.environ, **_aws_environment(endpoint)}
-
-    # moto's awsvpc task attachment reads an ENI attribute its EC2 model does not define.
-    from moto.ec2.models.elastic_network_interfaces import NetworkInterface
-
-    monkeypatch.setattr(
-        NetworkInterface,
-        "private_dns_name",
-        property(lambda eni: f"ip-{eni.private_ip_address.replace('.', '-')}.ec2.internal"),
-        raising=False,
-    )
-
-    # AWS reports a finished crawl as LastCrawl.Status SUCCEEDED; moto says COMPLETED.
-    from moto.glue.models import FakeCrawler
-
-    real_crawler_dict = FakeCrawler.as_dict
-
-    def crawler_dict(self: Any) -> dict[str, Any]:
-        data = dict(real_crawler_dict(self))
-        if data.get("LastCrawl", {}).get("Status") == "COMPLETED":
-            data["LastCrawl"] = {**data["LastCrawl"], "Status": "SUCCEEDED"}
-        return data
-
-    monkeypatch.setattr(FakeCrawler, "as_dict", crawler_dict)
-
-    # A spy, not a change: which crawlers the state machine starts.
-    from moto.glue.models import GlueBackend
-
-    real_start_crawler = GlueBackend.start_crawler
-
-    def start_crawler(self: Any, name: str) -> None:
-        CRAWLS.append(name)
-        real_start_crawler(self, name)
-
-    monkeypatch.setattr(GlueBackend, "start_crawler", start_crawler)
-
-    real_run_task = EC2ContainerServiceBackend.run_task
-    stderr_of_task: dict[str, str] = {}
-
-    def run_task(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # moto's RunTask starts nothing; run the container's command with the image's entrypoint.
-        tasks = real_run_task(self, *args, **kwargs)
-        overrides = kwargs.get("overrides") or (args[3] if len(args) > 3 else None) or {}
-        command = overrides["containerOverrides"][0]["command"]
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline", *command],
-            env=child_env,
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=PROJECT,
-        )
-        for task in tasks:
-            # The container ran to completion above, so the task is over.
-            task.last_status = "STOPPED"
-            task.desired_status = "STOPPED"
-            task.containers[0].exitCode = done.returncode
-            stderr_of_task[task.task_arn] = (done.stderr.strip().splitlines() or [""])[-1]
-        return tasks
-
-    monkeypatch.setattr(EC2ContainerServiceBackend, "run_task", run_task)
-
-    # AWS's ECS integration takes PascalCase parameters and returns PascalCase output; moto's port of
-    # the interpreter leaves both conversions out (botocore then rejects "Cluster").
-    def normalise_parameters(self: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        converted = _recase(parameters, str.lower)
-        parameters.clear()
-        parameters.update(converted)
-
-    def normalise_response(self: Any, response: Any, *args: Any, **kwargs: Any) -> None:
-        converted = _recase(response, str.upper)
-        response.clear()
-        response.update(converted)
-
-    monkeypatch.setattr(
-        state_task_service_ecs.StateTaskServiceEcs, "_normalise_parameters", normalise_parameters
-    )
-    # AWS's runTask integration accepts CapacityProviderStrategy (how the definition picks FARGATE or
-    # FARGATE_SPOT); moto's port filters parameters through a list that lacks it.
-    supported = state_task_service_ecs._SUPPORTED_API_PARAM_BINDINGS
-    monkeypatch.setitem(supported, "runtask", {*supported["runtask"], "CapacityProviderStrategy"})
-    monkeypatch.setattr(state_task_service_ecs.StateTaskServiceEcs, "_normalise_response", normalise_response)
-
-    real_resolver = state_task_service_ecs.StateTaskServiceEcs._build_sync_resolver
-
-    def build_sync_resolver(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # AWS fails runTask.sync when an essential container exits non-zero; moto's resolver does not.
-        resolve = real_resolver(self, *args, **kwargs)
-        assert resolve is not None
-
-        def resolve_and_check() -> Any:
-            task = resolve()
-            if task is not None:
-                codes = [c.get("ExitCode", 0) for c in task.get("Containers", [])]
-                if any(code not in (0, None) for code in codes):
-                    reason = stderr_of_task.get(task["TaskArn"], "")
-                    raise RuntimeError(f"Essential container in task exited with code {codes[0]}: {reason}")
-            return task
-
-        return resolve_and_check
-
-    monkeypatch.setattr(
-        state_task_service_ecs.StateTaskServiceEcs, "_build_sync_resolver", build_sync_resolver
-    )
-
-    handlers = {
-        "ArchiveETLFiles": archive_files,
-        "CatalogChanges": catalog_changes,
-        "FinishBatch": finish_batch,
-    }
-    failures = FAILURES
-
-    def invoke(
-        self: Any, function_name: str, qualifier: Any, body: Any, headers: Any, response_headers: Any
-    ) -> bytes:
-        # moto without Docker runs no function code: call our handler in process instead.
-        name = function_name.split(":function:")[-1].split(":")[0]
-        try:
-            event = json.loads(body) if body else {}
-            if failures.pop(name, None):
-                raise ConnectionError(f"injected failure of {name}")
-            result = handlers[name].lambda_handler(event, lambda_context())
-        except Exception as error:  # reported the way Lambda reports an unhandled error
-            response_headers["x-amz-function-error"] = "Unhandled"
-            return json.dumps({"errorType": type(error).__name__, "errorMessage": str(error)}).encode()
-        return json.dumps(result).encode()
-
-    monkeypatch.setattr(LambdaSimpleBackend, "invoke", invoke)
-
-    def get_query_results(self: Any, exec_id: str) -> QueryResults:
-        # moto executes no SQL: answer the COUNT(*) the state machine asks for from the Delta table.
-        from pipeline import delta
-        from pipeline.batch import table_uri
-        from pipeline.storage import open_store
-
-        query = self.executions[exec_id].query
-        match = re.fullmatch(r"SELECT COUNT\(\*\) FROM ecommerce_dwh\.(\w+)", query.strip())
-        assert match, f"unexpected Athena query {query!r}"
-        count = delta.count_rows(table_uri(open_store(ROOT), match.group(1)))
-        header = {"Data": [{"VarCharValue": "_col0"}]}
-        return QueryResults(rows=[header, {"Data": [{"VarCharValue": str(count)}]}], column_info=[])
-
-    monkeypatch.setattr(AthenaBackend, "get_query_results", get_query_results)
-
-    # moto's Glue job runs run nothing: run our Glue entry script with the run's arguments (and one of
-    # Glue's own, which the script must ignore), and fail the run when the script fails.
-    from moto.glue.models import FakeJob, FakeJobRun
-
-    real_start_job_run = FakeJob.start_job_run
-
-    def start_job_run(self: Any, *args: Any, **kwargs: Any) -> str:
-        run_id = real_start_job_run(self, *args, **kwargs)
-        run = self.get_job_run(run_id)
-        argv = ["--job-bookmark-option", "job-bookmark-disable"]
-        for name, value in (kwargs.get("arguments") or {}).items():
-            argv += [name, value]
-        done = subprocess.run(
-            [sys.executable, str(PROJECT / "containers" / "glue_entry.py"), *argv],
-            env=child_env,
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=PROJECT,
-        )
-        if done.returncode:
-            run.status = "FAILED"
-            run.error_message = (done.stderr.strip().splitlines() or [""])[-1]
-        return str(run_id)
-
-    monkeypatch.setattr(FakeJob, "start_job_run", start_job_run)
-
-    # moto's .sync code releases a callback endpoint that it only creates for services supporting
-    # waitForTaskToken, so glue:startJobRun.sync crashes on None; give Glue that endpoint too.
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_glue
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import (
-        ResourceCondition,
-    )
-
-    monkeypatch.setattr(
-        state_task_service_glue,
-        "_SUPPORTED_INTEGRATION_PATTERNS",
-        {ResourceCondition.Sync, ResourceCondition.WaitForTaskToken},
-    )
-    real_run_dict = FakeJobRun.as_dict
-
-    def run_dict(self: Any) -> dict[str, Any]:
-        data = dict(real_run_dict(self))
-        if getattr(self, "error_message", None):
-            data["ErrorMessage"] = self.error_message
-        return data
-
-    monkeypatch.setattr(FakeJobRun, "as_dict", run_dict)
-
-    # A Map iteration that fails with a States.* error (a failed task) must fail the Map with that error
-    # and its cause, as on AWS; moto's iteration worker wraps the name in a CustomErrorName, which
-    # refuses the States. prefix and replaces the real cause with that refusal.
-    from moto.stepfunctions.parser.asl.component.common.error_name.error_name import ErrorName
-    from moto.stepfunctions.parser.asl.component.state.exec.state_map.iteration import iteration_worker
-
-    class IterationErrorName(ErrorName):
-        def __init__(self, error_name: str | None) -> None:
-            super().__init__(error_name=error_name)
-
-    monkeypatch.setattr(iteration_worker, "CustomErrorName", IterationErrorName)
-
-    def short_wait(self: Any, env: Any, wait_seconds: int) -> None:
-        env.program_state_event.wait(min(wait_seconds, 0.05))
-
-    monkeypatch.setattr(wait_function.WaitFunction, "_wait_interval", short_wait)
-
 
 @pytest.fixture(scope="module")
 def chain() -> Iterator[dict[str, Any]]:
     """A moto server that executes state machines, and the whole deployment on it."""
     with deployed_chain() as deployment:
         yield deployment
-
-
-@contextlib.contextmanager
-def deployed_chain(**substitutions: str) -> Iterator[dict[str, Any]]:
-    """A moto server that executes state machines, and the whole deployment on it (the state machine's
-    DefinitionSubstitutions overridden by ``substitutions``)."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        # moto's state-machine interpreter calls services at localhost:$MOTO_PORT.
-        monkeypatch.setenv("MOTO_PORT", str(port))
-        for name in list(os.environ):
-            if name.startswith("AWS_"):
-                monkeypatch.delenv(name)
-        for name, value in _aws_environment(endpoint).items():
-            monkeypatch.setenv(name, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
-            urlopen(Request(f"{endpoint}/moto-api/config", data=json.dumps(config).encode(), method="POST"))
-            # A crawl ends at once (moto would keep it RUNNING until advanced by hand).
-            transition = {"model_name": "glue::crawl", "transition": {"progression": "immediate"}}
-            urlopen(
-                Request(
-                    f"{endpoint}/moto-api/state-manager/set-transition",
-                    data=json.dumps(transition).encode(),
-                    method="POST",
-                )
-            )
-            _patch_moto(monkeypatch, endpoint)
-            deployment = _deploy(endpoint, **substitutions)
-            # What the trigger Lambda's environment would hold.
-            monkeypatch.setenv("LAKEHOUSE_ROOT", ROOT)
-            monkeypatch.setenv("STATE_MACHINE_ARN", deployment["machine"])
-            yield deployment
-        finally:
-            server.stop()
-
-
-def _deploy(endpoint: str, **substitutions: str) -> dict[str, Any]:
-    s3, sqs, sns = boto3.client("s3"), boto3.client("sqs"), boto3.client("sns")
-    s3.create_bucket(Bucket=BUCKET)
-    queue = sqs.create_queue(QueueName="ecommerce-etl-queue")["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    s3.put_bucket_notification_configuration(
-        Bucket=BUCKET,
-        NotificationConfiguration={
-            "QueueConfigurations": [
-                {
-                    "QueueArn": queue_arn,
-                    "Events": ["s3:ObjectCreated:*"],
-                    "Filter": {
-                        "Key": {
-                            "FilterRules": [
-                                {"Name": "prefix", "Value": "lakehouse/raw/"},
-                                {"Name": "suffix", "Value": ".csv"},
-                            ]
-                        }
-                    },
-                }
-            ]
-        },
-    )
-    topic = sns.create_topic(Name="ecommerce-etl-notifications")["TopicArn"]
-    inbox = sqs.create_queue(QueueName="notifications-inbox")["QueueUrl"]
-    inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    sns.subscribe(
-        TopicArn=topic, Protocol="sqs", Endpoint=inbox_arn, Attributes={"RawMessageDelivery": "true"}
-    )
-
-    role = boto3.client("iam").create_role(RoleName="lakehouse", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as bundle:
-        bundle.writestr("handler.py", "def lambda_handler(event, context):\n    return {}\n")
-    functions = {
-        name: boto3.client("lambda").create_function(
-            FunctionName=name,
-            Runtime="python3.12",
-            Role=role,
-            Handler="handler.lambda_handler",
-            Code={"ZipFile": archive.getvalue()},
-        )["FunctionArn"]
-        for name in ("ArchiveETLFiles", "CatalogChanges", "FinishBatch")
-    }
-    ecs = boto3.client("ecs")
-    cluster = ecs.create_cluster(clusterName="lakehouse", capacityProviders=["FARGATE", "FARGATE_SPOT"])[
-        "cluster"
-    ]["clusterArn"]
-    # moto needs the container's memory to place the task.
-    task_definition = ecs.register_task_definition(
-        family="lakehouse-step",
-        containerDefinitions=[{"name": "lakehouse", "image": "lakehouse:test", "memory": 2048}],
-        requiresCompatibilities=["FARGATE"],
-        networkMode="awsvpc",
-        cpu="1024",
-        memory="2048",
-    )["taskDefinition"]["taskDefinitionArn"]
-    ec2 = boto3.client("ec2")
-    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24")["Subnet"]["SubnetId"] for i in (1, 2)]
-    group = ec2.create_security_group(GroupName="lakehouse", Description="tasks", VpcId=vpc)["GroupId"]
-    glue = boto3.client("glue")
-    glue.create_database(DatabaseInput={"Name": "ecommerce_dwh"})
-    for name, folder, prefix in ((CRAWLER, "lakehouse-dwh", ""), (REJECTED_CRAWLER, "rejected", "rejected_")):
-        glue.create_crawler(
-            Name=name,
-            Role=role,
-            DatabaseName="ecommerce_dwh",
-            TablePrefix=prefix,
-            Targets={
-                "DeltaTargets": [
-                    {
-                        "DeltaTables": [
-                            f"{ROOT}/{folder}/{t}/" for t in ("products", "orders", "order_items")
-                        ],
-                        "CreateNativeDeltaTable": True,
-                    }
-                ]
-            },
-        )
-    boto3.client("athena").create_work_group(Name="ecommerce-lakehouse")
-    definition = rendered(
-        ClusterArn=cluster,
-        TaskDefinitionArn=task_definition,
-        SubnetA=subnets[0],
-        SubnetB=subnets[1],
-        SecurityGroup=group,
-        ArchiveFunctionArn=functions["ArchiveETLFiles"],
-        CatalogFunctionArn=functions["CatalogChanges"],
-        CrawlerName=CRAWLER,
-        RejectedCrawlerName=REJECTED_CRAWLER,
-        FinishFunctionArn=functions["FinishBatch"],
-        TopicArn=topic,
-        **substitutions,
-    )
-    machine = boto3.client("stepfunctions").create_state_machine(
-        name="EcommerceETLPipeline", definition=definition, roleArn=role
-    )["stateMachineArn"]
-    return {"queue": queue, "inbox": inbox, "machine": machine, "definition": definition, "role": role}
-
-
-def _deliver_events(queue: str) -> int:
-    """Be the SQS event source of the trigger Lambda: hand it every queued message."""
-    from handlers import check_data_availability
-
-    sqs, delivered = boto3.client("sqs"), 0
-    while True:
-        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0).get(
-            "Messages", []
-        )
-        if not messages:
-            return delivered
-        records = [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": {},
-                "messageAttributes": {},
-                "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:ecommerce-etl-queue",
-                "awsRegion": REGION,
-            }
-            for m in messages
-        ]
-        result = check_data_availability.lambda_handler({"Records": records}, lambda_context())
-        failed = {f["itemIdentifier"] for f in result["batchItemFailures"]}
-        for message in messages:
-            if message["MessageId"] not in failed:
-                sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
-        delivered += len(messages)
-
-
-def _wait_for_executions(machine: str, count: int, timeout: float = 60) -> list[dict[str, Any]]:
-    stepfunctions, deadline = boto3.client("stepfunctions"), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        executions = stepfunctions.list_executions(stateMachineArn=machine)["executions"]
-        if len(executions) >= count and all(e["status"] != "RUNNING" for e in executions):
-            return sorted(executions, key=lambda e: e["startDate"])
-        time.sleep(0.5)
-    running = [e for e in executions if e["status"] == "RUNNING"]
-    history = stepfunctions.get_execution_history(executionArn=running[0]["executionArn"]) if running else {}
-    names = [
-        (e["type"], e.get("stateEnteredEventDetails", {}).get("name")) for e in history.get("events", [])
-    ]
-    outputs = [
-        e.get("stateExitedEventDetails", {}).get("output", "")[-400:]
-        for e in history.get("events", [])
-        if e["type"] == "TaskStateExited"
-    ]
-    events = {"last states": names[-6:], "last task output": outputs[-1:]}
-    crawler = boto3.client("glue").get_crawler(Name="ecommerce-lakehouse-crawler")["Crawler"]
-    raise AssertionError(f"executions did not finish: {executions}; last events: {events}; crawler {crawler}")
-
-
-def _notifications(inbox: str) -> list[str]:
-    messages = boto3.client("sqs").receive_message(QueueUrl=inbox, MaxNumberOfMessages=10).get("Messages", [])
-    for message in messages:
-        boto3.client("sqs").delete_message(QueueUrl=inbox, ReceiptHandle=message["ReceiptHandle"])
-    return [m["Body"] for m in messages]
-
-
-def _raw_keys() -> list[str]:
-    listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="lakehouse/raw/")
-    return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
 def test_upload_to_notification_on_fargate(chain: dict[str, Any]) -> None:
@@ -560,26 +51,26 @@ def test_upload_to_notification_on_fargate(chain: dict[str, Any]) -> None:
     store = open_store(ROOT)
     # Clean: the rejected tables are created later, by the batch that first rejects rows.
     generate(store, scale=0.0005, seed=31, dirty=False)
-    assert _deliver_events(chain["queue"]) > 0
-    (execution,) = _wait_for_executions(chain["machine"], 1)
-    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    assert deliver_events(chain["queue"]) > 0
+    (execution,) = wait_for_executions(chain["machine"], 1)
+    assert execution["status"] == "SUCCEEDED", notifications(chain["inbox"])
     counts = {t: delta.count_rows(table_uri(store, t)) for t in ("products", "orders", "order_items")}
     assert all(counts.values())
-    (message,) = _notifications(chain["inbox"])
+    (message,) = notifications(chain["inbox"])
     assert f"Batch {execution['name']} succeeded." in message
     assert f"Rows now: products {counts['products']:,}, orders {counts['orders']:,}" in message
-    assert _raw_keys() == []
+    assert raw_keys() == []
     # The first batch created the lakehouse tables and rejected nothing: one crawl, of their crawler.
     assert CRAWLS == [CRAWLER]
 
 
 def test_a_batch_that_changes_no_table_schema_starts_no_crawler(chain: dict[str, Any]) -> None:
     CRAWLS.clear()
-    _land_day(1)
-    _deliver_events(chain["queue"])
-    execution = _wait_for_executions(chain["machine"], 2)[-1]
-    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
-    (message,) = _notifications(chain["inbox"])
+    land_day(1)
+    deliver_events(chain["queue"])
+    execution = wait_for_executions(chain["machine"], 2)[-1]
+    assert execution["status"] == "SUCCEEDED", notifications(chain["inbox"])
+    (message,) = notifications(chain["inbox"])
     assert "succeeded" in message
     assert CRAWLS == []
     # The cost estimate counts this execution's transitions: the happy path's model, measured.
@@ -601,11 +92,11 @@ def test_a_batch_that_creates_a_rejected_table_crawls_it(chain: dict[str, Any]) 
     from pipeline.storage import open_store
 
     CRAWLS.clear()
-    _land_day(5, amount=b"lots")  # the order is rejected, and so its item (its order is missing)
-    _deliver_events(chain["queue"])
-    execution = _wait_for_executions(chain["machine"], 3)[-1]
-    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
-    _notifications(chain["inbox"])
+    land_day(5, amount=b"lots")  # the order is rejected, and so its item (its order is missing)
+    deliver_events(chain["queue"])
+    execution = wait_for_executions(chain["machine"], 3)[-1]
+    assert execution["status"] == "SUCCEEDED", notifications(chain["inbox"])
+    notifications(chain["inbox"])
     store = open_store(ROOT)
     assert delta.count_rows(rejected_uri(store, "orders")) == 1
     assert delta.count_rows(rejected_uri(store, "order_items")) == 1
@@ -627,14 +118,14 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
 
     store = open_store(ROOT)
     before = {t: delta.table_version(table_uri(store, t)) for t in ("products", "orders", "order_items")}
-    _land_day(2, amount=b"\xff\xfe")  # the orders file is not UTF-8: its step fails
-    _deliver_events(chain["queue"])
-    failed = _wait_for_executions(chain["machine"], 4)[-1]
+    land_day(2, amount=b"\xff\xfe")  # the orders file is not UTF-8: its step fails
+    deliver_events(chain["queue"])
+    failed = wait_for_executions(chain["machine"], 4)[-1]
     assert failed["status"] == "FAILED"
-    (message,) = _notifications(chain["inbox"])
+    (message,) = notifications(chain["inbox"])
     assert f"Batch {failed['name']} failed" in message
     assert "step orders failed" in message and "raw/orders/o2.csv" in message
-    assert _raw_keys() == sorted(
+    assert raw_keys() == sorted(
         f"lakehouse/{k}" for k in ("raw/order_items/i2.csv", "raw/orders/o2.csv", "raw/products/p2.csv")
     )
     after = {t: delta.table_version(table_uri(store, t)) for t in ("products", "orders", "order_items")}
@@ -643,14 +134,14 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
     # The operator fixes the file and abandons the failed batch; the next upload starts a new one.
     store.delete(f"manifests/{failed['name']}.json")
     CRAWLS.clear()
-    _land_day(2)
-    _deliver_events(chain["queue"])
-    fixed = _wait_for_executions(chain["machine"], 5)[-1]
-    assert fixed["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    land_day(2)
+    deliver_events(chain["queue"])
+    fixed = wait_for_executions(chain["machine"], 5)[-1]
+    assert fixed["status"] == "SUCCEEDED", notifications(chain["inbox"])
     # After a failed batch the catalog may be behind (a crawl or a check may have failed): all crawl.
     assert sorted(CRAWLS) == [CRAWLER, REJECTED_CRAWLER]
-    assert "succeeded" in _notifications(chain["inbox"])[0]
-    assert _raw_keys() == []
+    assert "succeeded" in notifications(chain["inbox"])[0]
+    assert raw_keys() == []
     orders = delta.scan(table_uri(store, "orders"))
     assert orders is not None
     order = orders.filter(pl.col("order_id") == 900_002).collect()
@@ -659,13 +150,13 @@ def test_a_failing_step_is_notified_with_its_cause_and_a_fixed_batch_then_loads(
 
 def test_a_failed_archive_is_notified_and_the_next_event_resumes_the_batch(chain: dict[str, Any]) -> None:
     FAILURES["ArchiveETLFiles"] = True
-    _land_day(3)
-    _deliver_events(chain["queue"])
-    failed = _wait_for_executions(chain["machine"], 6)[-1]
+    land_day(3)
+    deliver_events(chain["queue"])
+    failed = wait_for_executions(chain["machine"], 6)[-1]
     assert failed["status"] == "FAILED"
-    (message,) = _notifications(chain["inbox"])
+    (message,) = notifications(chain["inbox"])
     assert "injected failure of ArchiveETLFiles" in message
-    assert len(_raw_keys()) == 3
+    assert len(raw_keys()) == 3
 
     # Any later event (here a re-delivered one) resumes the unfinished batch, under a new execution name.
     boto3.client("s3").copy_object(
@@ -674,11 +165,11 @@ def test_a_failed_archive_is_notified_and_the_next_event_resumes_the_batch(chain
         CopySource={"Bucket": BUCKET, "Key": "lakehouse/raw/products/p3.csv"},
         MetadataDirective="REPLACE",
     )
-    _deliver_events(chain["queue"])
-    resumed = _wait_for_executions(chain["machine"], 7)[-1]
+    deliver_events(chain["queue"])
+    resumed = wait_for_executions(chain["machine"], 7)[-1]
     assert resumed["name"].startswith(failed["name"] + "-")
-    assert resumed["status"] == "SUCCEEDED", _notifications(chain["inbox"])
-    assert _raw_keys() == []
+    assert resumed["status"] == "SUCCEEDED", notifications(chain["inbox"])
+    assert raw_keys() == []
 
 
 def test_the_glue_runner_loads_a_batch(chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -703,13 +194,13 @@ def test_the_glue_runner_loads_a_batch(chain: dict[str, Any], monkeypatch: pytes
     )["stateMachineArn"]
     monkeypatch.setenv("STATE_MACHINE_ARN", machine)
     store = open_store(ROOT)
-    _land_day(4)
-    _deliver_events(chain["queue"])
-    (execution,) = _wait_for_executions(machine, 1)
-    assert execution["status"] == "SUCCEEDED", _notifications(chain["inbox"])
+    land_day(4)
+    deliver_events(chain["queue"])
+    (execution,) = wait_for_executions(machine, 1)
+    assert execution["status"] == "SUCCEEDED", notifications(chain["inbox"])
     runs = glue.get_job_runs(JobName="orders_etl")["JobRuns"]
     assert [run["Arguments"]["--table"] for run in runs] == ["orders"]
-    assert "succeeded" in _notifications(chain["inbox"])[0]
+    assert "succeeded" in notifications(chain["inbox"])[0]
     orders = delta.scan(table_uri(store, "orders"))
     assert orders is not None
     assert orders.filter(pl.col("order_id") == 900_004).collect().height == 1
