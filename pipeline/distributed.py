@@ -8,9 +8,11 @@ objects of the store:
     ─▶ finish (the rejected rows' commit and the step report)
 
 A plan writes one small JSON item per unit under ``plan/<batch>/<table>/<stage>/`` (what a Distributed
-Map lists); a unit reads the item, puts its frames under ``staging/<batch>/<table>/`` and writes its report
-last, so a unit with a report is done and a resumed batch skips it. A unit run again after a crash writes
-the same objects under the same names (same file, same blocks), and its MERGE changes nothing twice.
+Map lists), naming where the unit's input is: byte ranges of the objects the units before wrote. A unit
+reads those ranges, writes its output under ``staging/<batch>/<table>/`` as a few objects (every part of
+its output, each bucket or group or file, one range of them) and its report last, with where each part
+is; a unit with a report is done and a resumed batch skips it. A unit run again after a crash writes the
+same objects under the same names (same file, same blocks), and its MERGE changes nothing twice.
 Groups of partitions are disjoint, so their MERGEs commit side by side. Every plan and the finish run in
 one process and check that the stage before is complete; the finish removes the plan and staged objects.
 """
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -95,44 +97,92 @@ def _state_key(batch_id: str, table: str) -> str:
     return f"{staging_prefix(batch_id, table)}/plan.json"
 
 
+# A unit keeps the frames it puts in memory up to this size, then writes them as one object: a unit puts
+# a frame per block it reads and per part (bucket, group, file), and an object for each would be millions
+# of requests for a terabyte (32 MiB blocks x a thousand buckets), which cost more than the compute.
+FLUSH_BYTES = 256 << 20
+# Ranges of objects a unit reads at once (S3 answers each GET in tens of milliseconds).
+READ_THREADS = 16
+
+Ranges = list[list[Any]]
+"""Where a part's frames are: ``[key, start, length]`` per object that holds some, each range one IPC file."""
+
+
 class StoreParts:
-    """Frames put by kind and part as Arrow IPC objects under ``prefix``, named after the unit that put
-    them (``StagedParts``): a unit run again puts the same frames under the same names."""
+    """Frames put by kind and part (``StagedParts``), kept in memory and written as few objects under
+    ``prefix``: each holds, for every part, its frames as one Arrow IPC file, the parts back to back.
+
+    ``staged`` tells where each part is in each object written (a unit's report carries it; the plan of
+    the stage after hands each unit its ranges). Objects are named after the unit and numbered: a unit
+    run again writes the same objects, and one that died part way leaves objects no report names.
+    """
 
     SUFFIX = ".arrow"
 
     def __init__(self, store: Store, prefix: str, unit: str = "") -> None:
         self.store, self.prefix, self.unit = store, prefix, unit
+        self.staged: dict[str, list[list[Any]]] = {}
+        self._held: dict[str, dict[int, list[pl.DataFrame]]] = {}
+        self._held_bytes = 0
         self._numbers = count()
 
     def put(self, kind: str, part: int, frame: pl.DataFrame) -> None:
         if not frame.height:
             return
-        buffer = io.BytesIO()
-        # lz4: staged objects cross the network on AWS; compressing them costs less than sending them.
-        frame.write_ipc(buffer, compression="lz4")
-        name = f"{self.unit}-{next(self._numbers):06d}{self.SUFFIX}"
-        self.store.write_bytes(f"{self.prefix}/{kind}/part-{part}/{name}", buffer.getvalue())
+        self._held.setdefault(kind, {}).setdefault(part, []).append(frame)
+        self._held_bytes += int(frame.estimated_size())
+        if self._held_bytes >= FLUSH_BYTES:
+            self.flush()
 
     def put_split(self, kind: str, frame: pl.DataFrame, part_column: str) -> None:
         for (part,), piece in frame.partition_by(part_column, as_dict=True, include_key=False).items():
             self.put(kind, int(part), piece)
 
-    def keys(self, kind: str, part: int) -> list[str]:
-        found = self.store.list(f"{self.prefix}/{kind}/part-{part}/")
-        return sorted(info.key for info in found if info.key.endswith(self.SUFFIX))
+    def flush(self) -> None:
+        """Write what is held: one object per kind."""
+        for kind, parts in self._held.items():
+            body, spans = io.BytesIO(), []
+            for part in sorted(parts):
+                start = body.tell()
+                frame = pl.concat(parts[part], how="vertical_relaxed", rechunk=False)
+                # lz4: staged objects cross the network on AWS; compressing them costs less than sending.
+                frame.write_ipc(body, compression="lz4")
+                spans.append([part, start, body.tell() - start])
+                parts[part].clear()
+            key = f"{kind}/{self.unit}-{next(self._numbers):06d}{self.SUFFIX}"
+            self.store.write_bytes(f"{self.prefix}/{key}", body.getvalue())
+            self.staged.setdefault(kind, []).append([key, spans])
+        self._held.clear()
+        self._held_bytes = 0
 
-    def read(self, key: str) -> pl.DataFrame:
-        return pl.read_ipc(io.BytesIO(self.store.read_bytes(key)))
+    def read(self, key: str, start: int, length: int) -> pl.DataFrame:
+        return pl.read_ipc(io.BytesIO(self.store.read_range(f"{self.prefix}/{key}", start, length)))
 
-    def frames(self, kind: str, part: int) -> Iterator[pl.DataFrame]:
-        for key in self.keys(kind, part):
-            yield self.read(key)
+    def frames(self, ranges: Ranges) -> Iterator[pl.DataFrame]:
+        """The frames at ``ranges``, in their order, read a few at a time."""
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            window: list[Any] = []
+            for key, start, length in ranges:
+                window.append(pool.submit(self.read, key, start, length))
+                if len(window) == READ_THREADS:
+                    yield window.pop(0).result()
+            for future in window:
+                yield future.result()
 
-    def take(self, kind: str, part: int) -> pl.DataFrame | None:
-        """Everything put under ``kind`` and ``part`` as one frame (None: nothing was)."""
-        frames = list(self.frames(kind, part))
+    def take(self, ranges: Ranges) -> pl.DataFrame | None:
+        """The frames at ``ranges`` as one frame (None: there are none)."""
+        frames = list(self.frames(ranges))
         return pl.concat(frames, how="vertical_relaxed", rechunk=False) if frames else None
+
+
+def ranges_of(reports: Iterable[dict[str, Any]], kind: str) -> dict[int, Ranges]:
+    """Where each part of ``kind`` is, over the objects that units (their ``reports``) wrote."""
+    found: dict[int, Ranges] = {}
+    for report in reports:
+        for key, spans in report.get("staged", {}).get(kind, []):
+            for part, start, length in spans:
+                found.setdefault(int(part), []).append([key, start, length])
+    return found
 
 
 @dataclass
@@ -166,9 +216,16 @@ def _state(store: Store, batch_id: str, table: str) -> StepState:
     return StepState(**{**saved, "files": [tuple(pair) for pair in saved["files"]]})
 
 
-def _items(store: Store, state: StepState, stage: str, units: list[int]) -> list[str]:
+def _items(
+    store: Store,
+    state: StepState,
+    stage: str,
+    units: list[int],
+    inputs: dict[int, dict[str, Ranges]] | None = None,
+) -> list[str]:
     """Plan ``units`` as ``stage``'s (replacing any earlier plan of it) and write one item for each unit
-    without a report; the keys of the items written. A resumed batch's Map lists only the units to run."""
+    without a report, with where its ``inputs`` are; the keys of the items written. A resumed batch's Map
+    lists only the units to run."""
     prefix = plan_prefix(state.batch_id, state.table, stage)
     for info in store.list(prefix):
         store.delete(info.key)
@@ -178,7 +235,8 @@ def _items(store: Store, state: StepState, stage: str, units: list[int]) -> list
         if store.stat(unit_report_key(state.batch_id, state.table, stage, unit)) is not None:
             continue
         key = f"{prefix}{unit:05d}.json"
-        _save(store, key, {"batch_id": state.batch_id, "table": state.table, "stage": stage, "unit": unit})
+        item = {"batch_id": state.batch_id, "table": state.table, "stage": stage, "unit": unit}
+        _save(store, key, {**item, "inputs": (inputs or {}).get(unit, {})})
         keys.append(key)
     return keys
 
@@ -254,32 +312,32 @@ def plan_stage(
         return _items(store, state, "parse", [index for index, _ in files])
     state = _state(store, batch_id, spec.name)
     if stage == "resolve":
-        parsed = _unit_reports(store, state, "parse")
-        counts = _partition_counts(store, state, spec)
-        groups = partition_groups(counts, state.groups)
+        parse_reports = _unit_reports(store, state, "parse").values()
+        group_of = partition_groups(_partition_counts(store, state, spec, parse_reports), state.groups)
         mapping = pl.DataFrame(
             {
-                typed(spec.partition_by): pl.Series(list(groups), dtype=_partition_type(spec)),
-                "group": pl.Series(list(groups.values()), dtype=pl.Int32),
+                typed(spec.partition_by): pl.Series(list(group_of), dtype=_partition_type(spec)),
+                "group": pl.Series(list(group_of.values()), dtype=pl.Int32),
             }
         )
-        StoreParts(store, staging_prefix(batch_id, spec.name), "plan").put("groups", 0, mapping)
-        with_rows = [bucket for bucket in range(state.buckets) if _has_parts(store, state, "parsed", bucket)]
-        del parsed
-        return _items(store, state, "resolve", with_rows)
+        body = io.BytesIO()
+        mapping.write_ipc(body)
+        store.write_bytes(_groups_key(batch_id, spec.name), body.getvalue())
+        buckets = ranges_of(parse_reports, "parsed")
+        inputs = {bucket: {"parsed": ranges} for bucket, ranges in buckets.items()}
+        return _items(store, state, "resolve", sorted(buckets), inputs)
     parsed, resolved = _unit_reports(store, state, "parse"), _unit_reports(store, state, "resolve")
     rows_in, rejected, reasons = _counts(parsed, resolved)
     gates = load_settings(store) if gates is None else gates
     results = judge(gates, spec.name, batch_id, rows_in, rejected, reasons)
     _save(store, f"{staging_prefix(batch_id, spec.name)}/gates.json", [r.to_dict() for r in results])
-    moves = any(report["moved"] for report in resolved.values())
-    late = sorted({file for report in resolved.values() for file in report["late_files"]})
+    groups = ranges_of(resolved.values(), "resolved")
+    moves = ranges_of(resolved.values(), "moves")
+    late = ranges_of(resolved.values(), LATE)
     return [
-        *_items(
-            store, state, "write", [g for g in range(state.groups) if _has_parts(store, state, "resolved", g)]
-        ),
-        *_items(store, state, "moves", [0] if moves else []),
-        *_items(store, state, "late", late),
+        *_items(store, state, "write", sorted(groups), {g: {"resolved": r} for g, r in groups.items()}),
+        *_items(store, state, "moves", sorted(moves), {0: {"moves": moves[0]}} if moves else {}),
+        *_items(store, state, "late", sorted(late), {f: {"late": r} for f, r in late.items()}),
     ]
 
 
@@ -295,16 +353,19 @@ def _partition_type(spec: TableSpec) -> pl.DataType:
     return pl.Date() if column.type == "date" else polars_type(column)
 
 
-def _has_parts(store: Store, state: StepState, kind: str, part: int) -> bool:
-    return bool(StoreParts(store, staging_prefix(state.batch_id, state.table)).keys(kind, part))
+def _groups_key(batch_id: str, table: str) -> str:
+    return f"{staging_prefix(batch_id, table)}/groups.arrow"
 
 
-def _partition_counts(store: Store, state: StepState, spec: TableSpec) -> Counter[Any]:
+def _partition_counts(
+    store: Store, state: StepState, spec: TableSpec, parsed: Iterable[dict[str, Any]]
+) -> Counter[Any]:
+    """Rows per partition value over the parse units' counts."""
     parts = StoreParts(store, staging_prefix(state.batch_id, state.table))
-    frames = list(parts.frames("partitions", 0))
-    if not frames:
+    counted = parts.take(ranges_of(parsed, "partitions").get(0, []))
+    if counted is None:
         return Counter()
-    summed = pl.concat(frames).group_by(typed(spec.partition_by)).agg(pl.col("len").sum())
+    summed = counted.group_by(typed(spec.partition_by)).agg(pl.col("len").sum())
     return Counter(dict(summed.iter_rows()))
 
 
@@ -335,8 +396,9 @@ def run_unit(store: Store, item: str) -> dict[str, Any]:
     state = _state(store, batch_id, table)
     started = time.monotonic()
     parts = StoreParts(store, staging_prefix(batch_id, table), f"{stage}-{unit:05d}")
-    report = _UNITS[stage](store, manifest, spec, state, unit, parts)
-    report.update(stage=stage, unit=unit, seconds=round(time.monotonic() - started, 3))
+    report = _UNITS[stage](store, manifest, spec, state, unit, parts, named.get("inputs", {}))
+    parts.flush()
+    report.update(stage=stage, unit=unit, staged=parts.staged, seconds=round(time.monotonic() - started, 3))
     report["peak_rss_gib"] = round(process_peak_rss() / GIB, 3)
     _save(store, report_key, report)  # last: a unit with a report is done
     return report
@@ -348,7 +410,13 @@ def _entry(manifest: Manifest, spec: TableSpec, state: StepState, unit: int) -> 
 
 
 def _parse_unit(
-    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    state: StepState,
+    unit: int,
+    parts: StoreParts,
+    inputs: dict[str, Ranges],
 ) -> dict[str, Any]:
     """Read and validate one file: its valid rows by bucket, its rejected rows, its partitions' counts."""
     entry = _entry(manifest, spec, state, unit)
@@ -389,15 +457,21 @@ def _parse_unit(
 
 
 def _groups(store: Store, state: StepState, spec: TableSpec) -> dict[Any, int]:
-    mapping = StoreParts(store, staging_prefix(state.batch_id, state.table)).take("groups", 0)
-    return {} if mapping is None else dict(mapping.select(typed(spec.partition_by), "group").iter_rows())
+    mapping = pl.read_ipc(io.BytesIO(store.read_bytes(_groups_key(state.batch_id, state.table))))
+    return dict(mapping.select(typed(spec.partition_by), "group").iter_rows())
 
 
 def _resolve_unit(
-    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    state: StepState,
+    unit: int,
+    parts: StoreParts,
+    inputs: dict[str, Ranges],
 ) -> dict[str, Any]:
     """Resolve one bucket of keys: dedup, references (this bucket's), stale rows, moves, groups."""
-    valid = parts.take("parsed", unit)
+    valid = parts.take(inputs["parsed"])
     if valid is None:
         valid = pl.DataFrame()
     referenced = {fk.column: valid.get_column(typed(fk.column)).unique() for fk in spec.foreign_keys}
@@ -415,19 +489,31 @@ def _resolve_unit(
 
 
 def _write_unit(
-    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    state: StepState,
+    unit: int,
+    parts: StoreParts,
+    inputs: dict[str, Ranges],
 ) -> dict[str, Any]:
     """MERGE one group of partitions' survivors (its partitions as literals: groups commit side by side)."""
-    return _merged(store, spec, state, parts.take("resolved", unit), [], f"group {unit}")
+    return _merged(store, spec, state, parts.take(inputs["resolved"]), [], f"group {unit}")
 
 
 def _moves_unit(
-    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    state: StepState,
+    unit: int,
+    parts: StoreParts,
+    inputs: dict[str, Ranges],
 ) -> dict[str, Any]:
     """MERGE the keys that change partition, naming the partitions they leave too (after the groups)."""
     resolved = _unit_reports(store, state, "resolve")
     moved_from = sorted({value for report in resolved.values() for value in report["moved_from"]}, key=str)
-    return _merged(store, spec, state, parts.take("moves", 0), moved_from, "the moving keys")
+    return _merged(store, spec, state, parts.take(inputs["moves"]), moved_from, "the moving keys")
 
 
 def _merged(
@@ -455,10 +541,16 @@ def _merged(
 
 
 def _late_unit(
-    store: Store, manifest: Manifest, spec: TableSpec, state: StepState, unit: int, parts: StoreParts
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    state: StepState,
+    unit: int,
+    parts: StoreParts,
+    inputs: dict[str, Ranges],
 ) -> dict[str, Any]:
     """Cut one file's late rejects' original text out of it (``_late_text``) and put them as rejected."""
-    late = parts.take(LATE, unit)
+    late = parts.take(inputs["late"])
     if late is None:
         return {"rows": 0}
     entry = _entry(manifest, spec, state, unit)
@@ -510,7 +602,7 @@ def finish_step(
     with tempfile.TemporaryDirectory(prefix="lakehouse-finish-") as folder:
         local = Staging(Path(folder))
         rejected = _Rejected(local)
-        for frame in parts.frames(_Rejected.KIND, 0):
+        for frame in parts.frames(ranges_of([*parsed.values(), *late.values()], _Rejected.KIND).get(0, [])):
             rejected.add(frame)
         rejected_version, reasons = _write_rejected(
             store, spec, batch_id, rejected, now or datetime.now(timezone.utc), progress

@@ -50,6 +50,9 @@ class Store(Protocol):
     def read_bytes(self, key: str) -> bytes:
         """The content of ``key``."""
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of ``key`` from byte ``start`` (all of them there must be)."""
+
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Write ``key``; with ``if_absent``, only if it does not exist yet (returns False then)."""
 
@@ -194,6 +197,17 @@ class LocalStore:
             return self._file(key).read_bytes()
         except OSError as error:
             raise StorageError(f"cannot read {self.uri(key)}: {error.strerror}") from error
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with self._file(key).open("rb") as handle:
+                handle.seek(start)
+                data = handle.read(length)
+        except OSError as error:
+            raise StorageError(f"cannot read {self.uri(key)}: {error.strerror}") from error
+        if len(data) != length:
+            raise StorageError(f"cannot read {self.uri(key)}: {length} bytes from {start} are not there")
+        return data
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         target = self._file(key)
@@ -349,6 +363,16 @@ class S3Store:
     def read_bytes(self, key: str) -> bytes:
         response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return bytes(response["Body"].read())
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        span = f"bytes={start}-{start + length - 1}"
+        response = self._call(
+            "read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key), Range=span
+        )
+        data = bytes(response["Body"].read())
+        if len(data) != length:
+            raise StorageError(f"cannot read {self.uri(key)}: {length} bytes from {start} are not there")
+        return data
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -71,9 +71,9 @@ def _contents(store: Store) -> dict[str, pl.DataFrame]:
         table = scan(table_uri(store, name))
         assert table is not None, name
         found[name] = table.select(spec.column_names).sort(spec.primary_key).collect()
-        rejected = scan(rejected_uri(store, name))
-        assert rejected is not None, f"rejected_{name}"
-        rejected = rejected.drop("rejected_at", "batch_id").collect()
+        stored = scan(rejected_uri(store, name))
+        assert stored is not None, f"rejected_{name}"
+        rejected = stored.drop("rejected_at", "batch_id").collect()
         # Two batches' files may share a name (and so file and line): every column but the list orders them.
         columns = sorted(column for column, kind in rejected.schema.items() if kind != pl.List(pl.String))
         found[f"rejected_{name}"] = rejected.select(*columns, "reject_reasons").sort(columns, nulls_last=True)

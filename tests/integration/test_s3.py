@@ -74,17 +74,24 @@ def _options() -> dict[str, str]:
     return load_settings().delta_storage_options()
 
 
-@pytest.mark.parametrize("buckets_and_groups", [(1, 1), (3, 4)], ids=["whole", "staged"])
+@pytest.mark.parametrize(
+    "buckets_groups_workers", [(1, 1, None), (3, 4, None), (3, 4, 0)], ids=["whole", "staged", "distributed"]
+)
 def test_two_dirty_batches_on_s3_give_what_the_reference_gives(
-    s3_root: str, buckets_and_groups: tuple[int, int]
+    s3_root: str, buckets_groups_workers: tuple[int, int, int | None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The differential test on the moto server: exactly-once, stale rows and line numbers on S3 too."""
+    """The differential test on the moto server: exactly-once, stale rows and line numbers on S3 too; and
+    the distributed path's stages (in this process), their parts read back from S3 by ranges."""
     from collections import Counter
 
+    from pipeline import distributed
     from pipeline.stages import Plan
     from tests import reference
 
-    plan = Plan(*buckets_and_groups)
+    buckets, groups, workers = buckets_groups_workers
+    plan = Plan(buckets, groups)
+    # Parts written in many objects each: every stage reads ranges of several objects.
+    monkeypatch.setattr(distributed, "FLUSH_BYTES", 4096)
     from tests.dirty import dirty_batches
 
     store = open_store(s3_root)
@@ -95,7 +102,7 @@ def test_two_dirty_batches_on_s3_give_what_the_reference_gives(
                 store.write_bytes(key, data)
         expected = reference.run_batch(lake, batch, f"b{number}", loaded)
         lake, loaded = expected.lake, expected.loaded_contents
-        report = run_batch(store, plan=plan)
+        report = run_batch(store, plan=plan, workers=workers)
         for step in report.steps:
             counts = expected.counts[step.table]
             assert (step.rows_in, step.inserted, step.updated, step.rejected) == (
@@ -122,6 +129,17 @@ def test_two_dirty_batches_on_s3_give_what_the_reference_gives(
         name: pl.read_delta(rejected_uri(store, name), storage_options=_options()).height for name in TABLES
     }
     assert after == before
+    assert keys(s3_root, "staging/") == keys(s3_root, "plan/") == []
+
+
+def test_a_range_of_an_object_on_s3_is_those_bytes_or_an_error(s3_root: str) -> None:
+    from pipeline.errors import StorageError
+
+    store = open_store(s3_root)
+    store.write_bytes("a/b.bin", bytes(range(100)))
+    assert store.read_range("a/b.bin", 10, 5) == bytes(range(10, 15))
+    with pytest.raises(StorageError, match="3 bytes from 98"):
+        store.read_range("a/b.bin", 98, 3)
 
 
 @pytest.mark.parametrize("after_the_check", [False, True], ids=["before the check", "after the check"])

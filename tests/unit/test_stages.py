@@ -112,3 +112,68 @@ def test_stored_rows_a_bucket_may_meet_add_buckets_not_groups() -> None:
     assert plan_for(csv_bytes, 3 * GIB, csv_rows=10 * met, stored_rows=3 * met) == Plan(4, 1)
     # A bucket meets at most one stored row per row of the batch: a day into a large lake stays whole.
     assert plan_for(1 << 20, 3 * GIB, csv_rows=10_000, stored_rows=10**9) == Plan(1, 1)
+
+
+def test_store_parts_are_one_object_per_kind_whose_ranges_give_back_every_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import distributed
+    from pipeline.distributed import StoreParts, ranges_of
+    from pipeline.storage import open_store
+
+    store = open_store(str(tmp_path))
+
+    def put_blocks(parts: StoreParts) -> None:
+        # Twelve blocks, each split over three parts, in two kinds (what a parse unit does per block).
+        for block in range(12):
+            frame = pl.DataFrame(
+                {"x": range(block * 10, block * 10 + 10), "part": [n % 3 for n in range(10)]}
+            )
+            parts.put_split("parsed", frame, "part")
+            parts.put("rejected", 0, frame.head(1).drop("part"))
+
+    parts = StoreParts(store, "staging/b/t", "parse-00000")
+    put_blocks(parts)
+    parts.flush()
+    # Not 12 x 3 + 12 objects: one for each kind.
+    assert sorted(info.key for info in store.list("staging/b/t/")) == [
+        "staging/b/t/parsed/parse-00000-000000.arrow",
+        "staging/b/t/rejected/parse-00000-000001.arrow",
+    ]
+    ranges = ranges_of([{"staged": parts.staged}], "parsed")
+    assert sorted(ranges) == [0, 1, 2]
+    for part, where in ranges.items():
+        got = parts.take(where)
+        assert got is not None
+        assert got.get_column("x").to_list() == [x for x in range(120) if x % 10 % 3 == part]
+    rejected = parts.take(ranges_of([{"staged": parts.staged}], "rejected")[0])
+    assert rejected is not None and rejected.get_column("x").to_list() == list(range(0, 120, 10))
+    assert parts.take([]) is None
+
+    # Held frames are written whenever they pass FLUSH_BYTES: more objects, the same parts, in order;
+    # and the same unit run again writes the same objects under the same names.
+    monkeypatch.setattr(distributed, "FLUSH_BYTES", 400)
+    for attempt in range(2):
+        again = StoreParts(store, "staging/b/small", "parse-00000")
+        put_blocks(again)
+        again.flush()
+        keys = sorted(info.key for info in store.list("staging/b/small/"))
+        assert len(keys) > 2
+        if attempt == 0:
+            first = keys
+        assert keys == first
+        for part, where in ranges_of([{"staged": again.staged}], "parsed").items():
+            got = again.take(where)
+            assert got is not None
+            assert got.get_column("x").to_list() == [x for x in range(120) if x % 10 % 3 == part]
+
+
+def test_a_range_of_a_local_object_is_those_bytes_or_an_error(tmp_path: Path) -> None:
+    from pipeline.errors import StorageError
+    from pipeline.storage import open_store
+
+    store = open_store(str(tmp_path))
+    store.write_bytes("a/b.bin", bytes(range(100)))
+    assert store.read_range("a/b.bin", 10, 5) == bytes(range(10, 15))
+    with pytest.raises(StorageError, match="3 bytes from 98"):
+        store.read_range("a/b.bin", 98, 3)
