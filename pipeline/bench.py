@@ -454,6 +454,9 @@ def run_workers_bench(
             logs,
         )
         runs: list[int | None] = [None, *sorted({1, workers})] if times == 1 else [workers]
+        csv_bytes = {
+            table: sum(f.stat().st_size for f in (source / "raw" / table).glob("*.csv")) for table in TABLES
+        }
         for count in runs:
             name = f"{times}x, " + ("one task" if count is None else f"{count} worker(s)")
             lake = base / name.replace(", ", "-").replace(" ", "-").replace("(", "").replace(")", "")
@@ -473,6 +476,8 @@ def run_workers_bench(
                 units = sum(stage["units"] for stages in tables.values() for stage in stages.values())
                 phase["note"] = f"{units} units; largest worker peak {phase['worker_peak_gib']:.2f} GiB"
                 walls[times, count], peaks[times, count] = phase["wall_s"], phase["worker_peak_gib"]
+                if times == 1 and count == workers:
+                    terabyte = _per_terabyte(report, csv_bytes, memory_budget)
             phases.append(phase)
             shutil.rmtree(lake)
         shutil.rmtree(source)
@@ -485,7 +490,28 @@ def run_workers_bench(
         "phases": phases,
         "speed_up": round(walls[1, 1] / walls[1, workers], 2),
         "worker_peak_3x_vs_1x": round(peaks[3, workers] / peaks[1, workers], 2),
+        "per_terabyte": terabyte,
     }
+
+
+def _per_terabyte(report: dict[str, Any], csv_bytes: dict[str, int], memory_budget: str) -> dict[str, Any]:
+    """What a terabyte like this batch costs on the distributed path, modelled from its run
+    (``pipeline.costs.per_terabyte``), with units of ``memory_budget`` (a first load: no stored rows)."""
+    from pipeline.costs import TERABYTE, per_terabyte
+    from pipeline.report import StepReport
+    from pipeline.stages import parse_size, plan_for
+
+    k = TERABYTE / sum(csv_bytes.values())
+    plans = {}
+    for table, size in csv_bytes.items():
+        plan = plan_for(round(size * k), parse_size(memory_budget))
+        plans[table] = (plan.buckets, plan.groups)
+    usage = report["cost"]["usage"]
+    steps = [StepReport(**step) for step in report["steps"]]
+    cost = per_terabyte(
+        steps, raw_files=int(usage["raw_files"]), raw_bytes=int(usage["raw_bytes"]), plans=plans
+    )
+    return {**cost.to_dict(), "plans": plans}
 
 
 def print_worker_figures(figures: dict[str, Any], console: Console) -> None:
@@ -514,6 +540,16 @@ def print_worker_figures(figures: dict[str, Any], console: Console) -> None:
                 if value["units"]
             )
             console.print(f"{phase['phase']}, {name}: {shown}", soft_wrap=True)
+    from pipeline.costs import cost_line
+
+    terabyte = figures["per_terabyte"]
+    units = terabyte["usage"]["child_executions"]
+    console.print(
+        f"a terabyte of CSV like this batch on the distributed path, modelled from its {figures['workers']}-"
+        f"worker run (units of {figures['memory_budget']}; {units:,} units as Map children): "
+        + cost_line(terabyte),
+        soft_wrap=True,
+    )
     console.print(
         f"speed-up, {figures['workers']} workers over 1: {figures['speed_up']}x; largest worker peak, "
         f"the batch three times over vs once: {figures['worker_peak_3x_vs_1x']}x (target at most 1.1x); "

@@ -5,13 +5,15 @@ this import path (FinishBatch computes the figure on AWS; ``lakehouse run`` as i
 
 What is measured and what is modelled:
 - Fargate: each step's measured seconds plus ``TASK_START_SECONDS`` (Fargate bills from the image
-  pull to the task's end, per second, at least a minute), times the task's vCPU and GB;
+  pull to the task's end, per second, at least a minute), times the task's vCPU and GB; a step on the
+  distributed path is each of its tasks so billed (plans, units, finish: ``billed_seconds`` per stage);
 - Glue Python shell (the other runner): the same seconds, at least a minute, times its DPU;
 - Step Functions: the execution's state transitions (counted from its history on AWS; locally, the
-  states a batch passes with one poll per wait);
+  states a batch passes with one poll per wait), and ``CHILD_TRANSITIONS`` per Distributed Map child;
 - the crawlers that ran, each at least ``Prices.crawler_minimum_seconds`` of ``CRAWLER_DPU``;
 - Athena: each check's scanned bytes (on AWS; locally none), at least 10 MB a query;
-- S3 requests, modelled from the batch's files and its commits (``s3_requests``);
+- S3 requests, modelled from the batch's files and its commits, and on the distributed path its
+  staged objects and the ranges read of them (``s3_requests``);
 - Lambda: the batch's four invocations (trigger, archive, catalog, finish), one second each.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.report import StepReport
@@ -77,6 +79,11 @@ class TaskSize:
 DEFAULT_TASK = TaskSize()
 # Assumptions, not prices: kept apart so that a reader sees which figures are guesses.
 TASK_START_SECONDS = 30.0  # image pull and interpreter start of a Fargate task, billed
+# A Distributed Map child (a STANDARD execution of one task state): its start and its task state.
+CHILD_TRANSITIONS = 2
+# A distributed unit's own requests besides its staged objects and ranges: the plan PUTs its item, the
+# unit PUTs its report; it reads its item, the manifest and the step's state (HEAD and GET each).
+UNIT_PUTS, UNIT_GETS = 2, 6
 CRAWLER_DPU = 1.0  # a crawl of a few Delta tables; AWS allocates crawlers' DPUs itself
 LAMBDA_INVOCATIONS = 4
 LAMBDA_GB = 0.256
@@ -108,20 +115,49 @@ def cost_line(cost: Mapping[str, Any]) -> str:
     return f"${cost['usd']:.4f} ({shown}; {cost['basis']}, list prices of {cost['prices_as_of']})"
 
 
+def billed_task_seconds(seconds: float, prices: Prices = PRICES) -> float:
+    """What Fargate bills for a task whose command ran ``seconds``: from the image pull, at least a minute."""
+    return max(prices.fargate_minimum_seconds, seconds + TASK_START_SECONDS)
+
+
+def distributed(step: StepReport) -> bool:
+    """Whether the step ran on the distributed path (its stages are tasks, with their billed seconds)."""
+    return any("billed_seconds" in stage for stage in step.stages.values())
+
+
+def child_executions(steps: Sequence[StepReport]) -> int:
+    """The Distributed Map children of the steps: one per unit (plans and finishes are the parent's)."""
+    return sum(
+        int(figures["units"])
+        for step in steps
+        if distributed(step)
+        for stage, figures in step.stages.items()
+        if stage not in ("plan", "finish")
+    )
+
+
 def s3_requests(steps: Sequence[StepReport], raw_files: int, raw_bytes: int) -> tuple[int, int]:
-    """The batch's S3 requests as (PUT class, GET class), modelled from its files and commits."""
+    """The batch's S3 requests as (PUT class, GET class), modelled from its files and commits, and on
+    the distributed path from its units, their staged objects and the ranges they read."""
     puts = BOOKKEEPING_PUTS + raw_files  # every raw file is copied to archived/ (its delete is free)
     gets = BOOKKEEPING_GETS + 2 * raw_files + math.ceil(raw_bytes / DOWNLOAD_PART)  # HEADs, ranged GETs
     for step in steps:
         puts += step.files_added + step.commits + TABLE_OPENS_PER_STEP
         gets += 2 * step.files_read + TABLE_OPENS_PER_STEP * LOG_GETS_PER_OPEN  # a footer, then the data
+        if distributed(step):
+            for figures in step.stages.values():
+                puts += int(figures["objects"] + UNIT_PUTS * figures["units"])
+                gets += int(figures["ranges"] + UNIT_GETS * figures["units"])
     return puts, gets
 
 
-def local_transitions(tables: int, crawls: int, checks: int) -> int:
-    """The state transitions of a batch that polls each wait once (the state machine's happy path)."""
-    # Configure, the choice of path, the Map, and per table: choose the runner, run the step
-    processing = 3 + 2 * tables
+def local_transitions(tables: int, crawls: int, checks: int, *, distributed: bool = False) -> int:
+    """The state transitions of a batch that polls each wait once (the state machine's happy path), on
+    the single-task path or the distributed one (the parent execution's; its children come on top)."""
+    # Single task: Configure, the choice of path, the Map, and per table: choose the runner, run the step.
+    # Distributed: Configure, the choice of path, the cursor's start; per table 3 plans and a finish (each:
+    # more?, take, choose, command, task, next) and 5 Maps of units (more?, take, choose, Map, next); the end.
+    processing = 3 + tables * (4 * 6 + 5 * 5) + 1 if distributed else 3 + 2 * tables
     catalog = 3 + crawls * 10  # ArchiveFiles, PlanCatalog, the Map; per crawl 7 states and one poll
     counting = 1 + 7 * checks  # the Map; per table: start, wait, get, done?, read, empty?, counted
     return processing + catalog + counting + 2  # FinishSucceeded, NotifySuccess
@@ -151,14 +187,20 @@ def estimate(
             + task.memory_gb * getattr(prices, f"fargate_{arch}_gb_hour")
             + max(0, task.ephemeral_gb - 20) * prices.fargate_ephemeral_gb_hour
         ) / 3600
-        billed = sum(max(prices.fargate_minimum_seconds, step.seconds + TASK_START_SECONDS) for step in steps)
+        billed = sum(
+            sum(figures["billed_seconds"] for figures in step.stages.values())
+            if distributed(step)
+            else billed_task_seconds(step.seconds, prices)
+            for step in steps
+        )
         compute = billed * per_second * ((1 - prices.fargate_spot_discount) if task.spot else 1.0)
         compute_name = "fargate"
     puts, gets = s3_requests(steps, raw_files, raw_bytes)
     scanned = sum(max(prices.athena_minimum_bytes, scanned) for scanned in athena_bytes)
+    children = child_executions(steps)
     by_service = {
         compute_name: compute,
-        "step_functions": transitions * prices.step_functions_transition,
+        "step_functions": (transitions + CHILD_TRANSITIONS * children) * prices.step_functions_transition,
         "crawler": crawls * prices.crawler_minimum_seconds / 3600 * CRAWLER_DPU * prices.glue_dpu_hour,
         "athena": scanned / 1e12 * prices.athena_tb_scanned,
         "s3": puts * prices.s3_put_class_request + gets * prices.s3_get_class_request,
@@ -169,6 +211,7 @@ def estimate(
         "raw_bytes": raw_bytes,
         "step_seconds": round(sum(step.seconds for step in steps), 3),
         "transitions": transitions,
+        "child_executions": children,
         "crawls": crawls,
         "athena_bytes": scanned,
         "s3_put_requests": puts,
@@ -183,6 +226,75 @@ def estimate(
     )
 
 
+TERABYTE = 10**12
+
+
+def per_terabyte(
+    steps: Sequence[StepReport],
+    *,
+    raw_files: int,
+    raw_bytes: int,
+    plans: Mapping[str, tuple[int, int]],
+    task: TaskSize = DEFAULT_TASK,
+    prices: Prices = PRICES,
+) -> CostEstimate:
+    """What a terabyte of CSV like this batch costs on the distributed path: the batch's ``steps`` (as
+    they ran on that path) scaled by k = a terabyte over ``raw_bytes``, then priced as a batch.
+
+    The model: every stage's seconds, staged objects, data files and commits grow by k. Parse and late
+    units are files, k times as many of this batch's size; resolve and write units are the buckets and
+    groups of the terabyte's own plan (``plans``: per table, for its bytes times k); each unit is billed
+    as its share of the stage's seconds. A resolve, write or late unit reads a range of every object of
+    the stage before: its ranges grow by k times the growth of its units. The plans and the finish stay
+    four tasks a table, their seconds grown by k. Transitions: the parent's once, two per child. No
+    crawl (a first load's two crawls cost 0.15 USD on top).
+    """
+    k = TERABYTE / raw_bytes
+    scaled = [_scaled(step, k, plans[step.table]) for step in steps]
+    return estimate(
+        scaled,
+        raw_files=math.ceil(raw_files * k),
+        raw_bytes=TERABYTE,
+        crawls=0,
+        transitions=local_transitions(len(steps), 0, len(steps), distributed=True),
+        athena_bytes=[0] * len(steps),
+        task=task,
+        basis="a terabyte of CSV like this batch, modelled from its distributed run",
+        prices=prices,
+    )
+
+
+def _scaled(step: StepReport, k: float, plan: tuple[int, int]) -> StepReport:
+    buckets, groups = plan
+    stages = {}
+    for name, figures in step.stages.items():
+        was = int(figures["units"])
+        units = {
+            "resolve": buckets if was else 0,
+            "write": groups if was else 0,
+            "moves": was,
+            "plan": was,
+            "finish": was,
+        }.get(name, math.ceil(was * k))
+        seconds = figures["seconds"] * k
+        ranges = figures["ranges"] * k * (units / was if name in ("resolve", "write", "late") and was else 1)
+        stages[name] = {
+            "units": units,
+            "seconds": seconds,
+            "billed_seconds": units * billed_task_seconds(seconds / units) if units else 0.0,
+            "objects": max(figures["objects"] * k, units if figures["objects"] else 0),
+            "ranges": ranges,
+        }
+    return replace(
+        step,
+        stages=stages,
+        seconds=step.seconds * k,
+        files_added=math.ceil(step.files_added * k),
+        files_read=math.ceil(step.files_read * k),
+        commits=math.ceil(step.commits * k),
+    )
+
+
 def local_estimate(steps: Sequence[StepReport], raw_sizes: Sequence[int], checks: int) -> CostEstimate:
     """A local batch priced as if it ran on AWS with the CDK app's defaults, crawling nothing."""
     return estimate(
@@ -190,7 +302,7 @@ def local_estimate(steps: Sequence[StepReport], raw_sizes: Sequence[int], checks
         raw_files=len(raw_sizes),
         raw_bytes=sum(raw_sizes),
         crawls=0,
-        transitions=local_transitions(len(steps), 0, checks),
+        transitions=local_transitions(len(steps), 0, checks, distributed=any(map(distributed, steps))),
         athena_bytes=[0] * checks,
         basis="estimate for a local run, no crawl",
     )

@@ -55,6 +55,7 @@ from pipeline.batch import (
     resolve_bucket,
     table_uri,
 )
+from pipeline.costs import billed_task_seconds
 from pipeline.dedup import typed
 from pipeline.errors import LakehouseError, UsageError
 from pipeline.gates import GateSettings, judge, load_settings
@@ -125,6 +126,7 @@ class StoreParts:
         self._held: dict[str, dict[int, list[pl.DataFrame]]] = {}
         self._held_bytes = 0
         self._numbers = count()
+        self.ranges_read = 0
 
     def put(self, kind: str, part: int, frame: pl.DataFrame) -> None:
         if not frame.height:
@@ -156,6 +158,7 @@ class StoreParts:
         self._held_bytes = 0
 
     def read(self, key: str, start: int, length: int) -> pl.DataFrame:
+        self.ranges_read += 1
         return pl.read_ipc(io.BytesIO(self.store.read_range(f"{self.prefix}/{key}", start, length)))
 
     def frames(self, ranges: Ranges) -> Iterator[pl.DataFrame]:
@@ -281,11 +284,39 @@ def plan_stage(
     """
     if stage not in PLANNED:
         raise UsageError(f"no plan for stage {stage!r}; plans are {', '.join(PLANNED)}")
-    batch_id = manifest.batch_id
-    if load_step_report(store, batch_id, spec.name) is not None:
+    if load_step_report(store, manifest.batch_id, spec.name) is not None:
         # A resumed batch whose step of this table finished (its plan and staging went with the finish):
         # nothing to run, and planning again would load the files a second time.
         return []
+    started = time.monotonic()
+    items = _plan(store, manifest, spec, stage, memory_budget, plan, gates)
+    # What the plan's task did, for the step's cost (a plan run again counts once, as its last run).
+    _save(store, _plan_task_key(manifest.batch_id, spec.name, stage), _task_figures(started))
+    return items
+
+
+def _task_figures(started: float) -> dict[str, float]:
+    """A task's seconds since ``started`` (``time.monotonic``) and its process's peak memory so far."""
+    return {
+        "seconds": round(time.monotonic() - started, 3),
+        "peak_rss_gib": round(process_peak_rss() / GIB, 3),
+    }
+
+
+def _plan_task_key(batch_id: str, table: str, stage: str) -> str:
+    return f"{staging_prefix(batch_id, table)}/tasks/plan-{stage}.json"
+
+
+def _plan(
+    store: Store,
+    manifest: Manifest,
+    spec: TableSpec,
+    stage: str,
+    memory_budget: int,
+    plan: Plan | None,
+    gates: GateSettings | None,
+) -> list[str]:
+    batch_id = manifest.batch_id
     if stage == "parse" and store.stat(_state_key(batch_id, spec.name)) is not None:
         # Planned already (a resumed batch): the same cut, or the units done would not fit the rest.
         state = _state(store, batch_id, spec.name)
@@ -398,8 +429,9 @@ def run_unit(store: Store, item: str) -> dict[str, Any]:
     parts = StoreParts(store, staging_prefix(batch_id, table), f"{stage}-{unit:05d}")
     report = _UNITS[stage](store, manifest, spec, state, unit, parts, named.get("inputs", {}))
     parts.flush()
-    report.update(stage=stage, unit=unit, staged=parts.staged, seconds=round(time.monotonic() - started, 3))
-    report["peak_rss_gib"] = round(process_peak_rss() / GIB, 3)
+    report.update(stage=stage, unit=unit, staged=parts.staged, **_task_figures(started))
+    # Its requests of staged objects, for the step's cost.
+    report.update(objects=sum(len(written) for written in parts.staged.values()), ranges=parts.ranges_read)
     _save(store, report_key, report)  # last: a unit with a report is done
     return report
 
@@ -582,6 +614,7 @@ def finish_step(
 ) -> StepReport:
     """Commit the staged rejected rows, check that every row is in one place, and build the step's report
     from its units' (their plan and staged objects are removed after)."""
+    started = time.monotonic()
     batch_id = manifest.batch_id
     state = _state(store, batch_id, spec.name)
     reports = {stage: _unit_reports(store, state, stage) for stage in STAGES}
@@ -618,14 +651,10 @@ def finish_step(
     table_changes, rejected_changes = (
         delta.changes_since(uri, before) for uri, before in zip(_step_uris(store, spec.name), befores)
     )
-    by_stage = {
-        stage: {
-            "seconds": round(sum(report["seconds"] for report in units.values()), 3),
-            "peak_rss_gib": max((report["peak_rss_gib"] for report in units.values()), default=0.0),
-            "units": len(units),
-        }
-        for stage, units in reports.items()
-    }
+    plans = [_load(store, _plan_task_key(batch_id, spec.name, stage)) for stage in PLANNED]
+    tasks = {**{stage: list(units.values()) for stage, units in reports.items()}, "plan": plans}
+    tasks["finish"] = [_task_figures(started)]
+    by_stage = {stage: _stage_figures(done) for stage, done in tasks.items()}
     gates_key = f"{staging_prefix(batch_id, spec.name)}/gates.json"
     step = StepReport(
         table=spec.name,
@@ -660,6 +689,19 @@ def finish_step(
     save_step_report(store, batch_id, step)  # before the staged objects go: a finish run again finds it
     clear_step(store, batch_id, spec.name)
     return step
+
+
+def _stage_figures(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stage's figures over its tasks (units, or the plans, or the finish): their seconds, the largest
+    peak, how many, the seconds Fargate bills for them, the staged objects they wrote and ranges read."""
+    return {
+        "seconds": round(sum(task["seconds"] for task in tasks), 3),
+        "peak_rss_gib": max((task["peak_rss_gib"] for task in tasks), default=0.0),
+        "units": len(tasks),
+        "billed_seconds": round(sum(billed_task_seconds(task["seconds"]) for task in tasks), 3),
+        "objects": sum(task.get("objects", 0) for task in tasks),
+        "ranges": sum(task.get("ranges", 0) for task in tasks),
+    }
 
 
 def clear_step(store: Store, batch_id: str, table: str) -> int:

@@ -17,13 +17,16 @@ import polars as pl
 import pytest
 
 from pipeline.batch import abandon_batch, rejected_uri, run_batch, table_uri
+from pipeline.costs import local_transitions
 from pipeline.delta import scan
 from pipeline.generate import generate, generate_next_day
+from pipeline.report import load_report
 from pipeline.specs import TABLES
 from pipeline.storage import Store, open_store
 from tests.aws.moto_chain import (
     BUCKET,
     COMMANDS,
+    CRAWLS,
     KILLS,
     ROOT,
     deliver_events,
@@ -166,11 +169,21 @@ def test_a_next_day_batch_on_the_distributed_path_gives_what_one_task_gives(
     generated = generate_next_day(local, scale=0.0005, seed=31)
     _land(local, generated.files)
     COMMANDS.clear()
+    CRAWLS.clear()
     deliver_events(chain["queue"])
     execution = wait_for_executions(chain["machine"], 3, timeout=600)[-1]
     assert execution["status"] == "SUCCEEDED", notifications(chain["inbox"])
     assert {command[1] for command in COMMANDS if command[0] == "stage"} == {"plan", "run", "finish"}
     assert not [command for command in COMMANDS if command[0] == "step"]
+    # Its cost counts the parent's transitions (its history: the distributed happy path's model) and
+    # each unit's child execution; each task is billed (3 plans, the units and a finish per table).
+    cost = load_report(open_store(ROOT), execution["name"])
+    assert cost is not None
+    usage = cost.cost["usage"]
+    assert usage["transitions"] == local_transitions(3, len(CRAWLS), 3, distributed=True)
+    assert usage["child_executions"] == len(_units_run(COMMANDS))
+    tasks = sum(figures["units"] for step in cost.steps for figures in step.stages.values())
+    assert tasks == len(COMMANDS) == len(_units_run(COMMANDS)) + 3 * 4
     report = run_batch(local)
     assert sum(step.updated for step in report.steps) > 0  # corrections and renames applied
     _assert_same_lakes(open_store(ROOT), local)

@@ -82,9 +82,17 @@ def test_the_stage_commands_one_unit_at_a_time_give_what_one_step_gives(
         report = load_step_report(open_store(str(by_hand)), batch_id, table)
         assert report is not None
         shapes[table] = (report.buckets, report.groups)
-        assert set(report.stages) == {"parse", "resolve", "write", "moves", "late"}
+        assert set(report.stages) == {"plan", "parse", "resolve", "write", "moves", "late", "finish"}
         files = read_manifest(open_store(str(by_hand)), batch_id).files[table]
         assert report.stages["parse"]["units"] == len(files)
+        # Every task is billed at least a minute, from its image's pull; three plans and a finish.
+        assert report.stages["plan"]["units"] == 3 and report.stages["finish"]["units"] == 1
+        for figures in report.stages.values():
+            assert figures["billed_seconds"] >= 60 * figures["units"]
+            assert figures["billed_seconds"] >= figures["seconds"]
+        # Units write a few objects and read ranges of them: a parse unit at least its valid rows'.
+        assert report.stages["parse"]["objects"] >= report.stages["parse"]["units"]
+        assert report.stages["resolve"]["ranges"] >= report.stages["resolve"]["units"]
         assert not list((by_hand / plan_prefix(batch_id, table)).rglob("*.json"))
         assert not [p for p in (by_hand / staging_prefix(batch_id, table)).rglob("*") if p.is_file()]
     assert shapes["order_items"][0] > 1 and shapes["order_items"][1] > 1, shapes

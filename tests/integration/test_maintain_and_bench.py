@@ -100,6 +100,13 @@ def test_benchmark_of_the_distributed_path_smoke_run(tmp_path: Path) -> None:
     items = phases["3x, 2 worker(s)"]["tables"]["order_items"]
     assert items["parse"]["units"] >= 1 and items["write"]["units"] > 1 and items["write"]["peak_rss_gib"] > 0
     assert figures["speed_up"] > 0 and figures["worker_peak_3x_vs_1x"] > 0
+    # A terabyte like the batch, modelled from the 2-worker run: every table cut by the terabyte's plan.
+    terabyte = figures["per_terabyte"]
+    assert terabyte["usage"]["raw_bytes"] == 10**12
+    assert terabyte["usage"]["child_executions"] > sum(
+        buckets + groups for buckets, groups in terabyte["plans"].values()
+    )
+    assert terabyte["by_service"]["fargate"] > 0 and terabyte["by_service"]["s3"] > 0
     shutil.rmtree(tmp_path / "b")
 
 

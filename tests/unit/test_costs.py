@@ -109,3 +109,91 @@ def test_the_happy_path_transitions_grow_with_tables_crawls_and_checks() -> None
 def test_glue_spark_costs_its_dpus_minutes_and_a_crawl() -> None:
     assert glue_spark_cost() == pytest.approx(3 * 10 * 120 / 3600 * 0.44 + 600 / 3600 * 0.44)
     assert glue_spark_cost(dpu=2, job_seconds=10, crawl=False) == pytest.approx(3 * 2 * 60 / 3600 * 0.44)
+
+
+def distributed_step(table: str, **stages: tuple[int, float, int, int]) -> StepReport:
+    """A step of the distributed path: per stage (units or tasks, billed seconds, objects, ranges)."""
+    result = step(table, 999.0)  # its wall seconds: not what is billed
+    result.stages = {
+        name: {"units": units, "seconds": 1.0, "billed_seconds": billed, "objects": objects, "ranges": ranges}
+        for name, (units, billed, objects, ranges) in stages.items()
+    }
+    return result
+
+
+def test_a_distributed_step_is_billed_as_its_tasks_and_its_children_s_transitions() -> None:
+    per_second = (2 * 0.03238 + 8 * 0.00356 + 1 * 0.000111) / 3600
+    spread = distributed_step(
+        "order_items",
+        plan=(3, 180.0, 0, 0),
+        parse=(2, 150.0, 4, 0),
+        resolve=(5, 400.0, 5, 20),
+        finish=(1, 75.0, 0, 0),
+    )
+    by_service = priced([spread], transitions=100)
+    assert by_service["fargate"] == pytest.approx((180 + 150 + 400 + 75) * per_second, rel=1e-4)
+    # Seven units, seven children of two transitions each; the plans and the finish are the parent's.
+    assert by_service["step_functions"] == pytest.approx((100 + 7 * 2) * 0.000025)
+    puts, gets = s3_requests([spread], raw_files=0, raw_bytes=0)
+    plain_puts, plain_gets = s3_requests([step("order_items", 1.0)], raw_files=0, raw_bytes=0)
+    # Per task: its objects and 2 PUTs (item, report); the ranges it read and 6 GETs (item, manifest, state).
+    assert puts - plain_puts == (4 + 5) + 2 * (3 + 2 + 5 + 1)
+    assert gets - plain_gets == 20 + 6 * (3 + 2 + 5 + 1)
+
+
+def test_the_distributed_path_s_parent_passes_its_stages_in_turn() -> None:
+    # Per table 3 plans and a finish of six states each, 5 Maps of units of five; the rest as before.
+    assert (
+        local_transitions(3, 0, 3, distributed=True) - local_transitions(3, 0, 3) == 3 * (24 + 25) + 1 - 3 * 2
+    )
+    assert local_transitions(4, 0, 3, distributed=True) - local_transitions(3, 0, 3, distributed=True) == 49
+
+
+def test_a_terabyte_scales_the_work_the_units_and_the_shuffle_s_ranges() -> None:
+    from pipeline.costs import TERABYTE, per_terabyte
+
+    measured = step("order_items", 50.0, added=10, commits=3)
+    measured.stages = {
+        name: {
+            "units": units,
+            "seconds": seconds,
+            "billed_seconds": 0.0,
+            "objects": objects,
+            "ranges": ranges,
+        }
+        for name, (units, seconds, objects, ranges) in {
+            "plan": (3, 3.0, 0, 2),
+            "parse": (2, 10.0, 4, 0),
+            "resolve": (2, 20.0, 2, 4),
+            "write": (2, 8.0, 0, 2),
+            "moves": (0, 0.0, 0, 0),
+            "late": (1, 1.0, 1, 2),
+            "finish": (1, 2.0, 0, 1),
+        }.items()
+    }
+    # A gigabyte measured: k = 1,000; the terabyte's plan cuts it in 1,000 buckets and 800 groups.
+    result = per_terabyte(
+        [measured],
+        raw_files=2,
+        raw_bytes=TERABYTE // 1000,
+        plans={"order_items": (1000, 800)},
+        task=TWO_BY_EIGHT,
+    )
+    per_second = (2 * 0.03238 + 8 * 0.00356 + 1 * 0.000111) / 3600
+    billed = (
+        3 * (3.0 * 1000 / 3 + 30)  # three plans of 1,000 s each, and their starts
+        + 2000 * 60  # 2,000 parse units (files) of 5 s: a minute each
+        + 1000 * 60  # 1,000 buckets of 20 s each
+        + 800 * 60  # 800 groups of 10 s
+        + 1000 * 60  # late: a unit per file with late rejects, 1,000 of 1 s
+        + 1 * (2.0 * 1000 + 30)  # one finish, 2,000 s
+    )
+    assert result.by_service["fargate"] == pytest.approx(billed * per_second, rel=1e-6)
+    children = 2000 + 1000 + 800 + 1000
+    assert result.usage["child_executions"] == children
+    assert result.usage["transitions"] == local_transitions(1, 0, 1, distributed=True)
+    # The resolve units read a range of every parse object: 4 ranges x 1,000 (objects) x 500 (units);
+    # the data files grow by k.
+    assert result.usage["s3_get_requests"] > 4 * 1000 * 500
+    assert result.usage["s3_put_requests"] > 10 * 1000
+    assert result.usage["raw_bytes"] == TERABYTE and result.usage["raw_files"] == 2000
