@@ -412,6 +412,8 @@ def deployed_chain(**substitutions: str) -> Iterator[dict[str, Any]]:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         try:
+            # moto's servers in one process share their backends: start from none of another deployment's.
+            urlopen(Request(f"{endpoint}/moto-api/reset", method="POST"))
             config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
             urlopen(Request(f"{endpoint}/moto-api/config", data=json.dumps(config).encode(), method="POST"))
             # A crawl ends at once (moto would keep it RUNNING until advanced by hand).
