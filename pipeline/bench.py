@@ -421,8 +421,18 @@ def _worker_figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _worker_peak(tables: dict[str, dict[str, Any]]) -> float:
-    peaks = [stage["peak_rss_gib"] for stages in tables.values() for stage in stages.values()]
+# The tasks of a table's step that are not Map children: one each, whatever the batch's size.
+COORDINATORS = ("plan", "finish")
+
+
+def _worker_peak(tables: dict[str, dict[str, Any]], *, coordinators: bool = False) -> float:
+    """The largest peak of a unit (a Map child), or with ``coordinators`` of a plan or finish task."""
+    peaks = [
+        figures["peak_rss_gib"]
+        for stages in tables.values()
+        for stage, figures in stages.items()
+        if (stage in COORDINATORS) == coordinators
+    ]
     return max(peaks, default=0.0)
 
 
@@ -443,6 +453,7 @@ def run_workers_bench(
     phases: list[dict[str, Any]] = []
     walls: dict[tuple[int, int], float] = {}
     peaks: dict[tuple[int, int], float] = {}
+    coordinator_peaks: dict[int, float] = {}
     for times in (1, 3):
         source = base / f"source-{times}x"
         if source.exists():
@@ -473,9 +484,19 @@ def run_workers_bench(
                 tables = _worker_figures(report)
                 phase["workers"], phase["tables"] = count, tables
                 phase["worker_peak_gib"] = _worker_peak(tables)
-                units = sum(stage["units"] for stages in tables.values() for stage in stages.values())
-                phase["note"] = f"{units} units; largest worker peak {phase['worker_peak_gib']:.2f} GiB"
+                phase["coordinator_peak_gib"] = _worker_peak(tables, coordinators=True)
+                units = sum(
+                    figures["units"]
+                    for stages in tables.values()
+                    for stage, figures in stages.items()
+                    if stage not in COORDINATORS
+                )
+                phase["note"] = (
+                    f"{units} units, largest peak {phase['worker_peak_gib']:.2f} GiB; plans and finishes "
+                    f"{phase['coordinator_peak_gib']:.2f} GiB"
+                )
                 walls[times, count], peaks[times, count] = phase["wall_s"], phase["worker_peak_gib"]
+                coordinator_peaks[times] = phase["coordinator_peak_gib"]
                 if times == 1 and count == workers:
                     terabyte = _per_terabyte(report, csv_bytes, memory_budget)
             phases.append(phase)
@@ -490,13 +511,14 @@ def run_workers_bench(
         "phases": phases,
         "speed_up": round(walls[1, 1] / walls[1, workers], 2),
         "worker_peak_3x_vs_1x": round(peaks[3, workers] / peaks[1, workers], 2),
+        "coordinator_peak_3x_vs_1x": round(coordinator_peaks[3] / coordinator_peaks[1], 2),
         "per_terabyte": terabyte,
     }
 
 
 def _per_terabyte(report: dict[str, Any], csv_bytes: dict[str, int], memory_budget: str) -> dict[str, Any]:
     """What a terabyte like this batch costs on the distributed path, modelled from its run
-    (``pipeline.costs.per_terabyte``), with units of ``memory_budget`` (a first load: no stored rows)."""
+    (``pipeline.costs.per_terabyte``): a first load (no stored rows) in units of the run's own budget."""
     from pipeline.costs import TERABYTE, per_terabyte
     from pipeline.report import StepReport
     from pipeline.stages import parse_size, plan_for
@@ -546,14 +568,14 @@ def print_worker_figures(figures: dict[str, Any], console: Console) -> None:
     units = terabyte["usage"]["child_executions"]
     console.print(
         f"a terabyte of CSV like this batch on the distributed path, modelled from its {figures['workers']}-"
-        f"worker run (units of {figures['memory_budget']}; {units:,} units as Map children): "
-        + cost_line(terabyte),
+        f"worker run ({units:,} units of {figures['memory_budget']} as Map children): " + cost_line(terabyte),
         soft_wrap=True,
     )
     console.print(
         f"speed-up, {figures['workers']} workers over 1: {figures['speed_up']}x; largest worker peak, "
-        f"the batch three times over vs once: {figures['worker_peak_3x_vs_1x']}x (target at most 1.1x); "
-        f"files under {figures['root']}"
+        f"the batch three times over vs once: {figures['worker_peak_3x_vs_1x']}x (target at most 1.1x), "
+        f"of a plan or finish task {figures['coordinator_peak_3x_vs_1x']}x (a finish commits every rejected "
+        f"row of its table); files under {figures['root']}"
     )
 
 

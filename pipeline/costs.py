@@ -239,15 +239,18 @@ def per_terabyte(
     prices: Prices = PRICES,
 ) -> CostEstimate:
     """What a terabyte of CSV like this batch costs on the distributed path: the batch's ``steps`` (as
-    they ran on that path) scaled by k = a terabyte over ``raw_bytes``, then priced as a batch.
+    they ran on that path, in units of some memory budget) scaled by k = a terabyte over ``raw_bytes``,
+    then priced as a batch.
 
-    The model: every stage's seconds, staged objects, data files and commits grow by k. Parse and late
-    units are files, k times as many of this batch's size; resolve and write units are the buckets and
-    groups of the terabyte's own plan (``plans``: per table, for its bytes times k); each unit is billed
-    as its share of the stage's seconds. A resolve, write or late unit reads a range of every object of
-    the stage before: its ranges grow by k times the growth of its units. The plans and the finish stay
-    four tasks a table, their seconds grown by k. Transitions: the parent's once, two per child. No
-    crawl (a first load's two crawls cost 0.15 USD on top).
+    The model: every stage's seconds grow by k (the work follows the bytes). Parse and late units are
+    files, k times as many of this batch's size; resolve and write units are the buckets and groups of
+    the terabyte's own plan for the same budget (``plans``: per table, for its bytes times k), the moves
+    one unit still. A unit is billed as its share of its stage's seconds and writes as many objects as a
+    unit did here; a unit of resolve, write or late reads a range of every object of the stage before,
+    so its ranges grow by that stage's growth times its own; the plans and the finish read every
+    object of theirs. The plans and the finish stay four tasks a table. Transitions: the parent's once,
+    two per child. No crawl (a first load's two crawls cost 0.15 USD on top). The run's units should be
+    of the budget the terabyte's plan is made for: smaller ones would make it look cheaper per unit.
     """
     k = TERABYTE / raw_bytes
     scaled = [_scaled(step, k, plans[step.table]) for step in steps]
@@ -264,25 +267,34 @@ def per_terabyte(
     )
 
 
+# Whose objects each stage reads; and the stages whose every unit reads a range of each of them.
+_READS_FROM = {"resolve": "parse", "write": "resolve", "moves": "resolve", "late": "resolve"}
+_SHUFFLES = ("resolve", "write", "late")
+
+
 def _scaled(step: StepReport, k: float, plan: tuple[int, int]) -> StepReport:
     buckets, groups = plan
-    stages = {}
+    growth: dict[str, float] = {}
+    units: dict[str, int] = {}
     for name, figures in step.stages.items():
         was = int(figures["units"])
-        units = {
-            "resolve": buckets if was else 0,
-            "write": groups if was else 0,
-            "moves": was,
-            "plan": was,
-            "finish": was,
-        }.get(name, math.ceil(was * k))
+        units[name] = {"resolve": buckets, "write": groups}.get(name, was)
+        if name in ("parse", "late"):
+            units[name] = math.ceil(was * k)
+        units[name] = units[name] if was else 0
+        growth[name] = units[name] / was if was else 0.0
+    stages = {}
+    for name, figures in step.stages.items():
         seconds = figures["seconds"] * k
-        ranges = figures["ranges"] * k * (units / was if name in ("resolve", "write", "late") and was else 1)
+        source = growth.get(_READS_FROM.get(name, "parse"), k)
+        ranges = figures["ranges"] * source * (growth[name] if name in _SHUFFLES else 1.0)
         stages[name] = {
-            "units": units,
+            "units": units[name],
             "seconds": seconds,
-            "billed_seconds": units * billed_task_seconds(seconds / units) if units else 0.0,
-            "objects": max(figures["objects"] * k, units if figures["objects"] else 0),
+            "billed_seconds": units[name] * billed_task_seconds(seconds / units[name])
+            if units[name]
+            else 0.0,
+            "objects": figures["objects"] * growth[name],
             "ranges": ranges,
         }
     return replace(

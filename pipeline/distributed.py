@@ -514,9 +514,7 @@ def _resolve_unit(
         "to_merge": resolved.to_merge,
         "late_rows": resolved.late_rows,
         "reasons": dict(resolved.late_reasons),
-        "moved": bool(resolved.moved_from),
         "moved_from": resolved.moved_from,
-        "late_files": resolved.late_files,
     }
 
 

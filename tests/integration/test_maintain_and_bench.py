@@ -100,6 +100,9 @@ def test_benchmark_of_the_distributed_path_smoke_run(tmp_path: Path) -> None:
     items = phases["3x, 2 worker(s)"]["tables"]["order_items"]
     assert items["parse"]["units"] >= 1 and items["write"]["units"] > 1 and items["write"]["peak_rss_gib"] > 0
     assert figures["speed_up"] > 0 and figures["worker_peak_3x_vs_1x"] > 0
+    assert (
+        figures["coordinator_peak_3x_vs_1x"] > 0 and "plans and finishes" in phases["3x, 2 worker(s)"]["note"]
+    )
     # A terabyte like the batch, modelled from the 2-worker run: every table cut by the terabyte's plan.
     terabyte = figures["per_terabyte"]
     assert terabyte["usage"]["raw_bytes"] == 10**12

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from pipeline.costs import (
@@ -192,8 +194,14 @@ def test_a_terabyte_scales_the_work_the_units_and_the_shuffle_s_ranges() -> None
     children = 2000 + 1000 + 800 + 1000
     assert result.usage["child_executions"] == children
     assert result.usage["transitions"] == local_transitions(1, 0, 1, distributed=True)
-    # The resolve units read a range of every parse object: 4 ranges x 1,000 (objects) x 500 (units);
-    # the data files grow by k.
-    assert result.usage["s3_get_requests"] > 4 * 1000 * 500
-    assert result.usage["s3_put_requests"] > 10 * 1000
+    # A resolve unit reads a range of every parse object (1,000 times as many), and there are 500 times
+    # as many of them; write and late units read those of the resolve units (500 times as many); the
+    # plans and the finish read every object once. Every unit also reads its item, manifest and state.
+    ranges = 4 * 1000 * 500 + 2 * 500 * 400 + 2 * 500 * 1000 + 2 * 1000 + 1 * 1000
+    tasks = 3 + 2000 + 1000 + 800 + 1000 + 1
+    raw_gets = 30 + 2 * 2000 + math.ceil(TERABYTE / (64 << 20))  # bookkeeping, HEADs, ranged GETs
+    assert result.usage["s3_get_requests"] == raw_gets + 8 * 3 + ranges + 6 * tasks
+    # Objects: as many per unit as here; data files and commits grow by k.
+    objects = 4 * 1000 + 2 * 500 + 1 * 1000
+    assert result.usage["s3_put_requests"] == 15 + 2000 + 10 * 1000 + 3 * 1000 + 8 + objects + 2 * tasks
     assert result.usage["raw_bytes"] == TERABYTE and result.usage["raw_files"] == 2000
