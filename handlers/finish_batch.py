@@ -23,7 +23,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from handlers.check_data_availability import execution_alive, start_execution
 from pipeline.catalog import forget_catalog, record_catalog
-from pipeline.costs import CostEstimate, TaskSize, cost_line, estimate, local_transitions
+from pipeline.costs import CostEstimate, TaskSize, cost_line, estimate, is_distributed, local_transitions
 from pipeline.html_report import write_batch_report
 from pipeline.lock import release_lock
 from pipeline.manifest import read_manifest, record_loaded
@@ -106,7 +106,7 @@ def _cost(event: dict[str, Any], steps: list[StepReport], sizes: list[int]) -> C
         crawls=crawls,
         transitions=_transitions(execution)
         if execution
-        else local_transitions(len(steps), crawls, len(counts)),
+        else local_transitions(len(steps), crawls, len(counts), distributed=any(map(is_distributed, steps))),
         athena_bytes=[
             int((entry.get("statistics") or {}).get("DataScannedInBytes") or 0)
             for entry in counts

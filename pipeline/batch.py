@@ -812,8 +812,6 @@ class ResolvedBucket:
     to_merge: int
     late_rows: int
     late_reasons: Counter[str]
-    late_files: list[int]
-    """The files (their index in the step) that the late rejects came from."""
     moved_from: list[Any]
 
 
@@ -841,7 +839,6 @@ def resolve_bucket(
     late = late.select(*typed_columns, ORDER, REASONS, _file_of_order())
     staged.put_split(LATE, late, FILE)
     late_rows, late_reasons = late.height, _reason_counts([late.lazy()]) if late.height else Counter()
-    late_files = sorted(late.get_column(FILE).unique().to_list())
     del late
     survivors = int(keep.sum())
     unchanged = keep & _unchanged(valid, theirs, spec)
@@ -873,9 +870,7 @@ def resolve_bucket(
             f"{spec.name}: bucket {bucket + 1} has {survivors} surviving rows but {staged_rows} were staged "
             "or unchanged; refusing to write"
         )
-    return ResolvedBucket(
-        survivors, to_merge, late_rows, late_reasons, late_files, sorted(moved_from, key=str)
-    )
+    return ResolvedBucket(survivors, to_merge, late_rows, late_reasons, sorted(moved_from, key=str))
 
 
 LATE = "late"

@@ -120,7 +120,7 @@ def billed_task_seconds(seconds: float, prices: Prices = PRICES) -> float:
     return max(prices.fargate_minimum_seconds, seconds + TASK_START_SECONDS)
 
 
-def distributed(step: StepReport) -> bool:
+def is_distributed(step: StepReport) -> bool:
     """Whether the step ran on the distributed path (its stages are tasks, with their billed seconds)."""
     return any("billed_seconds" in stage for stage in step.stages.values())
 
@@ -130,7 +130,7 @@ def child_executions(steps: Sequence[StepReport]) -> int:
     return sum(
         int(figures["units"])
         for step in steps
-        if distributed(step)
+        if is_distributed(step)
         for stage, figures in step.stages.items()
         if stage not in ("plan", "finish")
     )
@@ -144,10 +144,10 @@ def s3_requests(steps: Sequence[StepReport], raw_files: int, raw_bytes: int) -> 
     for step in steps:
         puts += step.files_added + step.commits + TABLE_OPENS_PER_STEP
         gets += 2 * step.files_read + TABLE_OPENS_PER_STEP * LOG_GETS_PER_OPEN  # a footer, then the data
-        if distributed(step):
+        if is_distributed(step):
             for figures in step.stages.values():
                 puts += int(figures["objects"] + UNIT_PUTS * figures["units"])
-                gets += int(figures["ranges"] + UNIT_GETS * figures["units"])
+                gets += int(figures["reads"] + UNIT_GETS * figures["units"])
     return puts, gets
 
 
@@ -189,7 +189,7 @@ def estimate(
         ) / 3600
         billed = sum(
             sum(figures["billed_seconds"] for figures in step.stages.values())
-            if distributed(step)
+            if is_distributed(step)
             else billed_task_seconds(step.seconds, prices)
             for step in steps
         )
@@ -244,13 +244,14 @@ def per_terabyte(
 
     The model: every stage's seconds grow by k (the work follows the bytes). Parse and late units are
     files, k times as many of this batch's size; resolve and write units are the buckets and groups of
-    the terabyte's own plan for the same budget (``plans``: per table, for its bytes times k), the moves
-    one unit still. A unit is billed as its share of its stage's seconds and writes as many objects as a
-    unit did here; a unit of resolve, write or late reads a range of every object of the stage before,
-    so its ranges grow by that stage's growth times its own; the plans and the finish read every
-    object of theirs. The plans and the finish stay four tasks a table. Transitions: the parent's once,
-    two per child. No crawl (a first load's two crawls cost 0.15 USD on top). The run's units should be
-    of the budget the terabyte's plan is made for: smaller ones would make it look cheaper per unit.
+    the terabyte's own plan for the same budget (``plans``: per table, for its bytes times k), but no
+    more groups than the batch had partition values (a terabyte like it has the same days); the moves
+    stay one unit. A unit is billed as its share of its stage's seconds and writes as many objects as a
+    unit did here. A unit of resolve, write or late reads a range of every object of the stage before,
+    so its reads grow by that stage's growth times its own; a plan's or finish's reads grow with the
+    parse units. The plans and the finish stay four tasks a table. Transitions: the parent's once, two
+    per child. No crawl (a first load's two crawls cost 0.15 USD on top). The run's units should be of
+    the budget the plans are for: the objects a unit writes and the seconds it takes follow its size.
     """
     k = TERABYTE / raw_bytes
     scaled = [_scaled(step, k, plans[step.table]) for step in steps]
@@ -278,7 +279,9 @@ def _scaled(step: StepReport, k: float, plan: tuple[int, int]) -> StepReport:
     units: dict[str, int] = {}
     for name, figures in step.stages.items():
         was = int(figures["units"])
-        units[name] = {"resolve": buckets, "write": groups}.get(name, was)
+        # A group is at least one partition: no more write units than the batch had partition values.
+        write_units = min(groups, int(figures.get("partitions") or groups))
+        units[name] = {"resolve": buckets, "write": write_units}.get(name, was)
         if name in ("parse", "late"):
             units[name] = math.ceil(was * k)
         units[name] = units[name] if was else 0
@@ -287,7 +290,7 @@ def _scaled(step: StepReport, k: float, plan: tuple[int, int]) -> StepReport:
     for name, figures in step.stages.items():
         seconds = figures["seconds"] * k
         source = growth.get(_READS_FROM.get(name, "parse"), k)
-        ranges = figures["ranges"] * source * (growth[name] if name in _SHUFFLES else 1.0)
+        reads = figures["reads"] * source * (growth[name] if name in _SHUFFLES else 1.0)
         stages[name] = {
             "units": units[name],
             "seconds": seconds,
@@ -295,7 +298,7 @@ def _scaled(step: StepReport, k: float, plan: tuple[int, int]) -> StepReport:
             if units[name]
             else 0.0,
             "objects": figures["objects"] * growth[name],
-            "ranges": ranges,
+            "reads": reads,
         }
     return replace(
         step,
@@ -314,7 +317,7 @@ def local_estimate(steps: Sequence[StepReport], raw_sizes: Sequence[int], checks
         raw_files=len(raw_sizes),
         raw_bytes=sum(raw_sizes),
         crawls=0,
-        transitions=local_transitions(len(steps), 0, checks, distributed=any(map(distributed, steps))),
+        transitions=local_transitions(len(steps), 0, checks, distributed=any(map(is_distributed, steps))),
         athena_bytes=[0] * checks,
         basis="estimate for a local run, no crawl",
     )

@@ -25,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from itertools import count
@@ -102,31 +102,44 @@ def _state_key(batch_id: str, table: str) -> str:
 # a frame per block it reads and per part (bucket, group, file), and an object for each would be millions
 # of requests for a terabyte (32 MiB blocks x a thousand buckets), which cost more than the compute.
 FLUSH_BYTES = 256 << 20
-# Ranges of objects a unit reads at once (S3 answers each GET in tens of milliseconds).
+# Ranges a unit reads at once, and what they may hold before it takes them (S3 answers a GET in tens of
+# milliseconds; a range larger than this is read alone).
 READ_THREADS = 16
+READ_AHEAD_BYTES = 64 << 20
 
 Ranges = list[list[Any]]
 """Where a part's frames are: ``[key, start, length]`` per object that holds some, each range one IPC file."""
+
+# A unit's index: where each part of each kind is in the objects it wrote (numbered), and its rows.
+INDEX_SCHEMA = {
+    "kind": pl.String,
+    "number": pl.Int32,
+    "part": pl.Int32,
+    "start": pl.Int64,
+    "length": pl.Int64,
+    "rows": pl.Int64,
+}
 
 
 class StoreParts:
     """Frames put by kind and part (``StagedParts``), kept in memory and written as few objects under
     ``prefix``: each holds, for every part, its frames as one Arrow IPC file, the parts back to back.
 
-    ``staged`` tells where each part is in each object written (a unit's report carries it; the plan of
-    the stage after hands each unit its ranges). Objects are named after the unit and numbered: a unit
-    run again writes the same objects, and one that died part way leaves objects no report names.
+    ``index`` tells where each part is in each object written (a unit writes it beside its report; the
+    plan of the stage after hands each unit its ranges). Objects are named after the unit and numbered:
+    a unit run again writes the same objects, and one that died part way leaves objects no index names.
     """
 
     SUFFIX = ".arrow"
 
     def __init__(self, store: Store, prefix: str, unit: str = "") -> None:
         self.store, self.prefix, self.unit = store, prefix, unit
-        self.staged: dict[str, list[list[Any]]] = {}
+        self.objects = 0  # objects written
+        self.reads = 0  # ranges and indexes read
+        self._spans: list[tuple[str, int, int, int, int, int]] = []
         self._held: dict[str, dict[int, list[pl.DataFrame]]] = {}
         self._held_bytes = 0
         self._numbers = count()
-        self.ranges_read = 0
 
     def put(self, kind: str, part: int, frame: pl.DataFrame) -> None:
         if not frame.height:
@@ -143,49 +156,81 @@ class StoreParts:
     def flush(self) -> None:
         """Write what is held: one object per kind."""
         for kind, parts in self._held.items():
-            body, spans = io.BytesIO(), []
+            number, body = next(self._numbers), io.BytesIO()
             for part in sorted(parts):
                 start = body.tell()
                 frame = pl.concat(parts[part], how="vertical_relaxed", rechunk=False)
+                parts[part].clear()
                 # lz4: staged objects cross the network on AWS; compressing them costs less than sending.
                 frame.write_ipc(body, compression="lz4")
-                spans.append([part, start, body.tell() - start])
-                parts[part].clear()
-            key = f"{kind}/{self.unit}-{next(self._numbers):06d}{self.SUFFIX}"
-            self.store.write_bytes(f"{self.prefix}/{key}", body.getvalue())
-            self.staged.setdefault(kind, []).append([key, spans])
+                self._spans.append((kind, number, part, start, body.tell() - start, frame.height))
+                del frame
+            self.store.write_bytes(f"{self.prefix}/{object_key(kind, self.unit, number)}", body.getvalue())
+            self.objects += 1
         self._held.clear()
         self._held_bytes = 0
 
+    def index(self) -> pl.DataFrame:
+        """Where each part is in the objects written (``INDEX_SCHEMA``)."""
+        return pl.DataFrame(self._spans, schema=INDEX_SCHEMA, orient="row")
+
     def read(self, key: str, start: int, length: int) -> pl.DataFrame:
-        self.ranges_read += 1
         return pl.read_ipc(io.BytesIO(self.store.read_range(f"{self.prefix}/{key}", start, length)))
 
     def frames(self, ranges: Ranges) -> Iterator[pl.DataFrame]:
         """The frames at ``ranges``, in their order, read a few at a time."""
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-            window: list[Any] = []
+            window: deque[tuple[Future[pl.DataFrame], int]] = deque()
+            held = 0
             for key, start, length in ranges:
-                window.append(pool.submit(self.read, key, start, length))
-                if len(window) == READ_THREADS:
-                    yield window.pop(0).result()
-            for future in window:
-                yield future.result()
+                while window and (len(window) == READ_THREADS or held + length > READ_AHEAD_BYTES):
+                    future, size = window.popleft()
+                    held -= size
+                    yield future.result()
+                window.append((pool.submit(self.read, key, start, length), length))
+                held += length
+                self.reads += 1
+            while window:
+                yield window.popleft()[0].result()
 
     def take(self, ranges: Ranges) -> pl.DataFrame | None:
         """The frames at ``ranges`` as one frame (None: there are none)."""
         frames = list(self.frames(ranges))
         return pl.concat(frames, how="vertical_relaxed", rechunk=False) if frames else None
 
+    def indexes(self, state: StepState, stage: str, units: Iterable[int]) -> pl.DataFrame:
+        """The indexes of ``stage``'s ``units`` as one frame, each span with its ``unit``."""
+        frames = [
+            pl.read_ipc(
+                io.BytesIO(self.store.read_bytes(index_key(state.batch_id, state.table, stage, unit)))
+            ).with_columns(pl.lit(unit, dtype=pl.Int32).alias("unit"))
+            for unit in units
+        ]
+        self.reads += len(frames)
+        return pl.concat(frames) if frames else pl.DataFrame(schema={**INDEX_SCHEMA, "unit": pl.Int32})
 
-def ranges_of(reports: Iterable[dict[str, Any]], kind: str) -> dict[int, Ranges]:
-    """Where each part of ``kind`` is, over the objects that units (their ``reports``) wrote."""
-    found: dict[int, Ranges] = {}
-    for report in reports:
-        for key, spans in report.get("staged", {}).get(kind, []):
-            for part, start, length in spans:
-                found.setdefault(int(part), []).append([key, start, length])
-    return found
+
+def object_key(kind: str, unit: str, number: int) -> str:
+    """The key (under a step's staging prefix) of the ``number``th object of ``kind`` a unit wrote."""
+    return f"{kind}/{unit}-{number:06d}{StoreParts.SUFFIX}"
+
+
+def index_key(batch_id: str, table: str, stage: str, unit: int) -> str:
+    return unit_report_key(batch_id, table, stage, unit).removesuffix(".json") + ".index.arrow"
+
+
+def ranges(spans: pl.DataFrame, kind: str, stage: str) -> Ranges:
+    """The ranges of ``spans`` (rows of ``kind`` of ``stage``'s indexes, each with its ``unit``)."""
+    return [
+        [object_key(kind, f"{stage}-{unit:05d}", number), start, length]
+        for unit, number, start, length in spans.select("unit", "number", "start", "length").iter_rows()
+    ]
+
+
+def by_part(spans: pl.DataFrame, kind: str) -> dict[int, pl.DataFrame]:
+    """The spans of ``kind`` by part."""
+    chosen = spans.filter(pl.col("kind") == kind)
+    return {int(part): frame for (part,), frame in chosen.partition_by("part", as_dict=True).items()}
 
 
 @dataclass
@@ -204,7 +249,13 @@ class StepState:
 
 
 def _save(store: Store, key: str, value: Any) -> None:
-    store.write_bytes(key, json.dumps(value, indent=1, default=str).encode())
+    store.write_bytes(key, json.dumps(value, separators=(",", ":"), default=str).encode())
+
+
+def _save_frame(store: Store, key: str, frame: pl.DataFrame) -> None:
+    body = io.BytesIO()
+    frame.write_ipc(body)
+    store.write_bytes(key, body.getvalue())
 
 
 def _load(store: Store, key: str) -> Any:
@@ -224,11 +275,11 @@ def _items(
     state: StepState,
     stage: str,
     units: list[int],
-    inputs: dict[int, dict[str, Ranges]] | None = None,
+    inputs: Callable[[int], dict[str, Ranges]] = lambda unit: {},
 ) -> list[str]:
     """Plan ``units`` as ``stage``'s (replacing any earlier plan of it) and write one item for each unit
-    without a report, with where its ``inputs`` are; the keys of the items written. A resumed batch's Map
-    lists only the units to run."""
+    without a report, with where its ``inputs(unit)`` are; the keys of the items written. A resumed
+    batch's Map lists only the units to run."""
     prefix = plan_prefix(state.batch_id, state.table, stage)
     for info in store.list(prefix):
         store.delete(info.key)
@@ -239,7 +290,7 @@ def _items(
             continue
         key = f"{prefix}{unit:05d}.json"
         item = {"batch_id": state.batch_id, "table": state.table, "stage": stage, "unit": unit}
-        _save(store, key, {**item, "inputs": (inputs or {}).get(unit, {})})
+        _save(store, key, {**item, "inputs": inputs(unit)})
         keys.append(key)
     return keys
 
@@ -289,17 +340,21 @@ def plan_stage(
         # nothing to run, and planning again would load the files a second time.
         return []
     started = time.monotonic()
-    items = _plan(store, manifest, spec, stage, memory_budget, plan, gates)
+    reader = StoreParts(store, staging_prefix(manifest.batch_id, spec.name))
+    items = _plan(store, manifest, spec, stage, memory_budget, plan, gates, reader)
     # What the plan's task did, for the step's cost (a plan run again counts once, as its last run).
-    _save(store, _plan_task_key(manifest.batch_id, spec.name, stage), _task_figures(started))
+    _save(store, _plan_task_key(manifest.batch_id, spec.name, stage), _task_figures(started, reader))
     return items
 
 
-def _task_figures(started: float) -> dict[str, float]:
-    """A task's seconds since ``started`` (``time.monotonic``) and its process's peak memory so far."""
+def _task_figures(started: float, parts: StoreParts) -> dict[str, float]:
+    """A task's seconds since ``started`` (``time.monotonic``), its process's peak memory so far, and the
+    staged objects it wrote and ranges and indexes it read (``parts``)."""
     return {
         "seconds": round(time.monotonic() - started, 3),
         "peak_rss_gib": round(process_peak_rss() / GIB, 3),
+        "objects": parts.objects,
+        "reads": parts.reads,
     }
 
 
@@ -315,6 +370,7 @@ def _plan(
     memory_budget: int,
     plan: Plan | None,
     gates: GateSettings | None,
+    reader: StoreParts,
 ) -> list[str]:
     batch_id = manifest.batch_id
     if stage == "parse" and store.stat(_state_key(batch_id, spec.name)) is not None:
@@ -343,33 +399,60 @@ def _plan(
         return _items(store, state, "parse", [index for index, _ in files])
     state = _state(store, batch_id, spec.name)
     if stage == "resolve":
-        parse_reports = _unit_reports(store, state, "parse").values()
-        group_of = partition_groups(_partition_counts(store, state, spec, parse_reports), state.groups)
+        parsed = _unit_reports(store, state, "parse")
+        spans = reader.indexes(state, "parse", parsed)
+        counts = reader.take(ranges(spans.filter(pl.col("kind") == "partitions"), "partitions", "parse"))
+        group_of = partition_groups(_partition_counts(counts, spec), state.groups)
         mapping = pl.DataFrame(
             {
                 typed(spec.partition_by): pl.Series(list(group_of), dtype=_partition_type(spec)),
                 "group": pl.Series(list(group_of.values()), dtype=pl.Int32),
             }
         )
-        body = io.BytesIO()
-        mapping.write_ipc(body)
-        store.write_bytes(_groups_key(batch_id, spec.name), body.getvalue())
-        buckets = ranges_of(parse_reports, "parsed")
-        inputs = {bucket: {"parsed": ranges} for bucket, ranges in buckets.items()}
-        return _items(store, state, "resolve", sorted(buckets), inputs)
+        _save_frame(store, _groups_key(batch_id, spec.name), mapping)
+        valid = sum(report["rows_in"] - report["rejected"] for report in parsed.values())
+        _staged_as_reported(spec, spans, ["parsed"], valid, "valid rows of the parse units")
+        buckets = by_part(spans, "parsed")
+        return _items(
+            store,
+            state,
+            "resolve",
+            sorted(buckets),
+            lambda b: {"parsed": ranges(buckets[b], "parsed", "parse")},
+        )
     parsed, resolved = _unit_reports(store, state, "parse"), _unit_reports(store, state, "resolve")
     rows_in, rejected, reasons = _counts(parsed, resolved)
     gates = load_settings(store) if gates is None else gates
     results = judge(gates, spec.name, batch_id, rows_in, rejected, reasons)
     _save(store, f"{staging_prefix(batch_id, spec.name)}/gates.json", [r.to_dict() for r in results])
-    groups = ranges_of(resolved.values(), "resolved")
-    moves = ranges_of(resolved.values(), "moves")
-    late = ranges_of(resolved.values(), LATE)
+    spans = reader.indexes(state, "resolve", resolved)
+    to_merge = sum(report["to_merge"] for report in resolved.values())
+    _staged_as_reported(spec, spans, ["resolved", "moves"], to_merge, "rows to merge of the resolve units")
+    late_rows = sum(report["late_rows"] for report in resolved.values())
+    _staged_as_reported(spec, spans, [LATE], late_rows, "late rejects of the resolve units")
+    groups, moves, late = (by_part(spans, kind) for kind in ("resolved", "moves", LATE))
     return [
-        *_items(store, state, "write", sorted(groups), {g: {"resolved": r} for g, r in groups.items()}),
-        *_items(store, state, "moves", sorted(moves), {0: {"moves": moves[0]}} if moves else {}),
-        *_items(store, state, "late", sorted(late), {f: {"late": r} for f, r in late.items()}),
+        *_items(
+            store,
+            state,
+            "write",
+            sorted(groups),
+            lambda g: {"resolved": ranges(groups[g], "resolved", "resolve")},
+        ),
+        *_items(
+            store, state, "moves", sorted(moves), lambda _: {"moves": ranges(moves[0], "moves", "resolve")}
+        ),
+        *_items(store, state, "late", sorted(late), lambda f: {"late": ranges(late[f], LATE, "resolve")}),
     ]
+
+
+def _staged_as_reported(spec: TableSpec, spans: pl.DataFrame, kinds: list[str], rows: int, what: str) -> None:
+    """Refuse to go on unless the staged ``kinds`` hold as many rows as the units reported."""
+    staged = int(spans.filter(pl.col("kind").is_in(kinds)).get_column("rows").sum())
+    if staged != rows:
+        raise LakehouseError(
+            f"{spec.name}: {rows} {what} but {staged} staged ({', '.join(kinds)}); refusing to go on"
+        )
 
 
 def _plan_of(csv_bytes: int, memory_budget: int, stored_rows: int | None) -> Plan:
@@ -388,12 +471,8 @@ def _groups_key(batch_id: str, table: str) -> str:
     return f"{staging_prefix(batch_id, table)}/groups.arrow"
 
 
-def _partition_counts(
-    store: Store, state: StepState, spec: TableSpec, parsed: Iterable[dict[str, Any]]
-) -> Counter[Any]:
+def _partition_counts(counted: pl.DataFrame | None, spec: TableSpec) -> Counter[Any]:
     """Rows per partition value over the parse units' counts."""
-    parts = StoreParts(store, staging_prefix(state.batch_id, state.table))
-    counted = parts.take(ranges_of(parsed, "partitions").get(0, []))
     if counted is None:
         return Counter()
     summed = counted.group_by(typed(spec.partition_by)).agg(pl.col("len").sum())
@@ -429,9 +508,9 @@ def run_unit(store: Store, item: str) -> dict[str, Any]:
     parts = StoreParts(store, staging_prefix(batch_id, table), f"{stage}-{unit:05d}")
     report = _UNITS[stage](store, manifest, spec, state, unit, parts, named.get("inputs", {}))
     parts.flush()
-    report.update(stage=stage, unit=unit, staged=parts.staged, **_task_figures(started))
-    # Its requests of staged objects, for the step's cost.
-    report.update(objects=sum(len(written) for written in parts.staged.values()), ranges=parts.ranges_read)
+    _save_frame(store, index_key(batch_id, table, stage, unit), parts.index())
+    parts.objects += 1  # the index
+    report.update(stage=stage, unit=unit, **_task_figures(started, parts))
     _save(store, report_key, report)  # last: a unit with a report is done
     return report
 
@@ -630,11 +709,22 @@ def finish_step(
             f"{spec.name}: {rejected_rows} rows rejected but {texts} have their text; refusing to write"
         )
     parts = StoreParts(store, staging_prefix(batch_id, spec.name))
+    where = [
+        ranges(spans.filter(pl.col("kind") == _Rejected.KIND), _Rejected.KIND, stage)
+        for stage, spans in (
+            ("parse", parts.indexes(state, "parse", parsed)),
+            ("late", parts.indexes(state, "late", late)),
+        )
+    ]
     with tempfile.TemporaryDirectory(prefix="lakehouse-finish-") as folder:
         local = Staging(Path(folder))
         rejected = _Rejected(local)
-        for frame in parts.frames(ranges_of([*parsed.values(), *late.values()], _Rejected.KIND).get(0, [])):
+        for frame in parts.frames([*where[0], *where[1]]):
             rejected.add(frame)
+        if rejected.rows != rejected_rows:
+            raise LakehouseError(
+                f"{spec.name}: {rejected_rows} rows rejected but {rejected.rows} staged; refusing to write"
+            )
         rejected_version, reasons = _write_rejected(
             store, spec, batch_id, rejected, now or datetime.now(timezone.utc), progress
         )
@@ -651,8 +741,10 @@ def finish_step(
     )
     plans = [_load(store, _plan_task_key(batch_id, spec.name, stage)) for stage in PLANNED]
     tasks = {**{stage: list(units.values()) for stage, units in reports.items()}, "plan": plans}
-    tasks["finish"] = [_task_figures(started)]
+    tasks["finish"] = [_task_figures(started, parts)]
     by_stage = {stage: _stage_figures(done) for stage, done in tasks.items()}
+    # How many partition values the groups were cut from: no more write units than that, however big.
+    by_stage["write"]["partitions"] = len(_groups(store, state, spec))
     gates_key = f"{staging_prefix(batch_id, spec.name)}/gates.json"
     step = StepReport(
         table=spec.name,
@@ -691,14 +783,15 @@ def finish_step(
 
 def _stage_figures(tasks: list[dict[str, Any]]) -> dict[str, Any]:
     """A stage's figures over its tasks (units, or the plans, or the finish): their seconds, the largest
-    peak, how many, the seconds Fargate bills for them, the staged objects they wrote and ranges read."""
+    peak, how many, the seconds Fargate bills for them, the staged objects they wrote and what they read of
+    them (ranges and indexes)."""
     return {
         "seconds": round(sum(task["seconds"] for task in tasks), 3),
         "peak_rss_gib": max((task["peak_rss_gib"] for task in tasks), default=0.0),
         "units": len(tasks),
         "billed_seconds": round(sum(billed_task_seconds(task["seconds"]) for task in tasks), 3),
-        "objects": sum(task.get("objects", 0) for task in tasks),
-        "ranges": sum(task.get("ranges", 0) for task in tasks),
+        "objects": sum(task["objects"] for task in tasks),
+        "reads": sum(task["reads"] for task in tasks),
     }
 
 

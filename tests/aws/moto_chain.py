@@ -48,10 +48,11 @@ PROJECT = Path(__file__).resolve().parents[2]
 FAILURES: dict[str, bool] = {}
 # The crawlers started, in order (every StartCrawler call the state machine makes).
 CRAWLS: list[str] = []
-# Every command an ECS task ran, in order (a spy); and the next task whose command names one of KILLS is
-# stopped before its container runs, as an out-of-memory kill or a Spot interruption stops one.
+# Every command an ECS task ran, in order (a spy); and the next task whose command names a key of KILLS
+# is stopped, as an out-of-memory kill or a Spot interruption stops one: "before" its container runs, or
+# "after" a unit's work is done (its output written, its MERGE committed) but before its report landed.
 COMMANDS: list[list[str]] = []
-KILLS: set[str] = set()
+KILLS: dict[str, str] = {}
 CRAWLER, REJECTED_CRAWLER = "ecommerce-lakehouse-crawler", "ecommerce-lakehouse-rejected-crawler"
 
 
@@ -97,6 +98,16 @@ def _aws_environment(endpoint: str) -> dict[str, str]:
         "AWS_REGION": REGION,
         "AWS_ALLOW_HTTP": "true",
     }
+
+
+def _forget_unit_report(command: list[str]) -> None:
+    """Delete the report of the unit that ``stage run <item>`` ran: as if its task died just before it."""
+    from pipeline.storage import open_store
+    from pipeline.workitems import unit_report_key
+
+    assert command[:2] == ["stage", "run"], command
+    batch_id, table, stage, unit = command[2].split("/plan/")[1].removesuffix(".json").split("/")
+    open_store(ROOT).delete(unit_report_key(batch_id, table, stage, int(unit)))
 
 
 def _recase(value: Any, first: Any) -> Any:
@@ -165,10 +176,8 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
         command = overrides["containerOverrides"][0]["command"]
         COMMANDS.append(list(command))
         killed = next((name for name in sorted(KILLS) if any(name in part for part in command)), None)
-        if killed is not None:
-            KILLS.discard(killed)
-            done = subprocess.CompletedProcess(command, 137, "", "OutOfMemoryError: container killed")
-        else:
+        when = KILLS.pop(killed) if killed is not None else None
+        if when != "before":
             done = subprocess.run(
                 [sys.executable, "-m", "pipeline", *command],
                 env=child_env,
@@ -177,6 +186,10 @@ def _patch_moto(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
                 check=False,
                 cwd=PROJECT,
             )
+        if when is not None:
+            if when == "after":
+                _forget_unit_report(command)
+            done = subprocess.CompletedProcess(command, 137, "", "OutOfMemoryError: container killed")
         for task in tasks:
             # The container ran to completion above, so the task is over.
             task.last_status = "STOPPED"

@@ -114,9 +114,9 @@ def test_a_dirty_first_load_whose_unit_is_killed_resumes_and_gives_what_one_task
 ) -> None:
     generated = generate(local, scale=0.0005, seed=31)
     _land(local, generated.files)
-    # The first write unit of the order items is stopped before its container runs (as an out-of-memory
-    # kill or a Spot interruption stops a task): the other group's unit has merged its rows by then.
-    KILLS.add("/order_items/write/")
+    # The first write unit of the order items is stopped after its MERGE committed but before its report
+    # landed (as an out-of-memory kill or a Spot interruption stops a task); the other group's unit merges.
+    KILLS["/order_items/write/"] = "after"
     COMMANDS.clear()
     deliver_events(chain["queue"])
     (failed,) = wait_for_executions(chain["machine"], 1, timeout=600)

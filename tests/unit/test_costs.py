@@ -117,7 +117,7 @@ def distributed_step(table: str, **stages: tuple[int, float, int, int]) -> StepR
     """A step of the distributed path: per stage (units or tasks, billed seconds, objects, ranges)."""
     result = step(table, 999.0)  # its wall seconds: not what is billed
     result.stages = {
-        name: {"units": units, "seconds": 1.0, "billed_seconds": billed, "objects": objects, "ranges": ranges}
+        name: {"units": units, "seconds": 1.0, "billed_seconds": billed, "objects": objects, "reads": ranges}
         for name, (units, billed, objects, ranges) in stages.items()
     }
     return result
@@ -161,7 +161,7 @@ def test_a_terabyte_scales_the_work_the_units_and_the_shuffle_s_ranges() -> None
             "seconds": seconds,
             "billed_seconds": 0.0,
             "objects": objects,
-            "ranges": ranges,
+            "reads": ranges,
         }
         for name, (units, seconds, objects, ranges) in {
             "plan": (3, 3.0, 0, 2),
@@ -173,7 +173,9 @@ def test_a_terabyte_scales_the_work_the_units_and_the_shuffle_s_ranges() -> None
             "finish": (1, 2.0, 0, 1),
         }.items()
     }
-    # A gigabyte measured: k = 1,000; the terabyte's plan cuts it in 1,000 buckets and 800 groups.
+    measured.stages["write"]["partitions"] = 500  # the batch's days: no more groups than that
+    # A gigabyte measured: k = 1,000; the terabyte's plan cuts it in 1,000 buckets and 800 groups, of
+    # which only 500 can be: a group is at least one partition.
     result = per_terabyte(
         [measured],
         raw_files=2,
@@ -186,19 +188,19 @@ def test_a_terabyte_scales_the_work_the_units_and_the_shuffle_s_ranges() -> None
         3 * (3.0 * 1000 / 3 + 30)  # three plans of 1,000 s each, and their starts
         + 2000 * 60  # 2,000 parse units (files) of 5 s: a minute each
         + 1000 * 60  # 1,000 buckets of 20 s each
-        + 800 * 60  # 800 groups of 10 s
+        + 500 * 60  # 500 groups of 16 s
         + 1000 * 60  # late: a unit per file with late rejects, 1,000 of 1 s
         + 1 * (2.0 * 1000 + 30)  # one finish, 2,000 s
     )
     assert result.by_service["fargate"] == pytest.approx(billed * per_second, rel=1e-6)
-    children = 2000 + 1000 + 800 + 1000
+    children = 2000 + 1000 + 500 + 1000
     assert result.usage["child_executions"] == children
     assert result.usage["transitions"] == local_transitions(1, 0, 1, distributed=True)
     # A resolve unit reads a range of every parse object (1,000 times as many), and there are 500 times
     # as many of them; write and late units read those of the resolve units (500 times as many); the
     # plans and the finish read every object once. Every unit also reads its item, manifest and state.
-    ranges = 4 * 1000 * 500 + 2 * 500 * 400 + 2 * 500 * 1000 + 2 * 1000 + 1 * 1000
-    tasks = 3 + 2000 + 1000 + 800 + 1000 + 1
+    ranges = 4 * 1000 * 500 + 2 * 500 * 250 + 2 * 500 * 1000 + 2 * 1000 + 1 * 1000
+    tasks = 3 + 2000 + 1000 + 500 + 1000 + 1
     raw_gets = 30 + 2 * 2000 + math.ceil(TERABYTE / (64 << 20))  # bookkeeping, HEADs, ranged GETs
     assert result.usage["s3_get_requests"] == raw_gets + 8 * 3 + ranges + 6 * tasks
     # Objects: as many per unit as here; data files and commits grow by k.

@@ -118,7 +118,7 @@ def test_store_parts_are_one_object_per_kind_whose_ranges_give_back_every_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline import distributed
-    from pipeline.distributed import StoreParts, ranges_of
+    from pipeline.distributed import StoreParts, by_part, ranges
     from pipeline.storage import open_store
 
     store = open_store(str(tmp_path))
@@ -132,40 +132,84 @@ def test_store_parts_are_one_object_per_kind_whose_ranges_give_back_every_part(
             parts.put_split("parsed", frame, "part")
             parts.put("rejected", 0, frame.head(1).drop("part"))
 
-    parts = StoreParts(store, "staging/b/t", "parse-00000")
+    def spans(parts: StoreParts) -> pl.DataFrame:
+        return parts.index().with_columns(pl.lit(7, dtype=pl.Int32).alias("unit"))  # as a plan reads it
+
+    parts = StoreParts(store, "staging/b/t", "parse-00007")
     put_blocks(parts)
     parts.flush()
     # Not 12 x 3 + 12 objects: one for each kind.
     assert sorted(info.key for info in store.list("staging/b/t/")) == [
-        "staging/b/t/parsed/parse-00000-000000.arrow",
-        "staging/b/t/rejected/parse-00000-000001.arrow",
+        "staging/b/t/parsed/parse-00007-000000.arrow",
+        "staging/b/t/rejected/parse-00007-000001.arrow",
     ]
-    ranges = ranges_of([{"staged": parts.staged}], "parsed")
-    assert sorted(ranges) == [0, 1, 2]
-    for part, where in ranges.items():
-        got = parts.take(where)
+    assert parts.objects == 2
+    parsed = by_part(spans(parts), "parsed")
+    assert sorted(parsed) == [0, 1, 2]
+    for part, found in parsed.items():
+        assert found.get_column("rows").sum() == len([x for x in range(120) if x % 10 % 3 == part])
+        got = parts.take(ranges(found, "parsed", "parse"))
         assert got is not None
         assert got.get_column("x").to_list() == [x for x in range(120) if x % 10 % 3 == part]
-    rejected = parts.take(ranges_of([{"staged": parts.staged}], "rejected")[0])
+    rejected = parts.take(ranges(by_part(spans(parts), "rejected")[0], "rejected", "parse"))
     assert rejected is not None and rejected.get_column("x").to_list() == list(range(0, 120, 10))
     assert parts.take([]) is None
+    assert parts.reads == 4  # three parts of one object, one of the other
 
     # Held frames are written whenever they pass FLUSH_BYTES: more objects, the same parts, in order;
-    # and the same unit run again writes the same objects under the same names.
+    # and the same unit run again writes the very same objects and index (a unit killed part way and run
+    # again from the start), each attempt under a folder of its own here, to compare them.
     monkeypatch.setattr(distributed, "FLUSH_BYTES", 400)
-    for attempt in range(2):
-        again = StoreParts(store, "staging/b/small", "parse-00000")
-        put_blocks(again)
-        again.flush()
-        keys = sorted(info.key for info in store.list("staging/b/small/"))
-        assert len(keys) > 2
-        if attempt == 0:
-            first = keys
-        assert keys == first
-        for part, where in ranges_of([{"staged": again.staged}], "parsed").items():
-            got = again.take(where)
+    attempts = []
+    for attempt in ("first", "again"):
+        small = StoreParts(store, f"staging/{attempt}", "parse-00007")
+        put_blocks(small)
+        small.flush()
+        written = {
+            info.key.removeprefix(f"staging/{attempt}/"): store.read_bytes(info.key)
+            for info in store.list(f"staging/{attempt}/")
+        }
+        attempts.append((written, small.index()))
+        assert len(written) > 2
+        for part, found in by_part(spans(small), "parsed").items():
+            got = small.take(ranges(found, "parsed", "parse"))
             assert got is not None
             assert got.get_column("x").to_list() == [x for x in range(120) if x % 10 % 3 == part]
+    (first, first_index), (again, again_index) = attempts
+    assert first == again and first_index.equals(again_index)
+
+
+def test_reads_ahead_are_bounded_by_count_and_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import distributed
+    from pipeline.distributed import StoreParts
+    from pipeline.storage import open_store
+
+    store = open_store(str(tmp_path))
+    parts = StoreParts(store, "staging/b/t", "parse-00000")
+    for part in range(40):
+        parts.put("parsed", part, pl.DataFrame({"x": [part] * 100}))
+    parts.flush()
+    index = parts.index()
+    where = [
+        ["parsed/parse-00000-000000.arrow", start, length]
+        for start, length in index.select("start", "length").iter_rows()
+    ]
+    started: list[int] = []
+    real = StoreParts.read
+
+    def read(self: StoreParts, key: str, start: int, length: int) -> pl.DataFrame:
+        started.append(start)
+        return real(self, key, start, length)
+
+    monkeypatch.setattr(StoreParts, "read", read)
+    monkeypatch.setattr(distributed, "READ_AHEAD_BYTES", 3 * min(length for _, _, length in where))
+    taken = 0
+    for frame in parts.frames(where):
+        taken += 1
+        # At most three ranges' bytes are in flight or held beyond the one taken.
+        assert len(started) - taken <= 3
+        assert frame.get_column("x").to_list() == [taken - 1] * 100
+    assert taken == 40 and parts.reads == 40
 
 
 def test_a_range_of_a_local_object_is_those_bytes_or_an_error(tmp_path: Path) -> None:
