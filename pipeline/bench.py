@@ -574,8 +574,8 @@ def print_worker_figures(figures: dict[str, Any], console: Console) -> None:
     console.print(
         f"speed-up, {figures['workers']} workers over 1: {figures['speed_up']}x; largest worker peak, "
         f"the batch three times over vs once: {figures['worker_peak_3x_vs_1x']}x (target at most 1.1x), "
-        f"of a plan or finish task {figures['coordinator_peak_3x_vs_1x']}x (a finish commits every rejected "
-        f"row of its table); files under {figures['root']}"
+        f"of the process that ran the plans and finishes here {figures['coordinator_peak_3x_vs_1x']}x (on "
+        f"AWS each is a task of its own); files under {figures['root']}"
     )
 
 
