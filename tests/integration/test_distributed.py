@@ -258,3 +258,41 @@ def test_a_plan_refuses_to_go_on_when_the_staged_rows_are_not_those_the_units_re
     error = " ".join(capsys.readouterr().err.split())
     assert "valid rows of the parse units" in error and "refusing to go on" in error
     assert not _items(tmp_path, batch_id, "orders", "resolve")
+
+
+@pytest.mark.slow
+def test_every_unit_run_twice_at_once_gives_what_one_step_gives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Map that starts a child twice (a redriven run, a retry of a task that did start): both tasks write
+    the same objects and report, and both MERGEs of a write unit commit nothing twice."""
+    import subprocess
+    import sys
+
+    twice, once = tmp_path / "twice", tmp_path / "once"
+    batch_id = _landed(twice)
+    shutil.copytree(twice, once)
+    at = ("--root", str(twice))
+
+    def both(items: list[str]) -> None:
+        for item in items:
+            command = [sys.executable, "-m", "pipeline", "stage", "run", item, *at]
+            runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]
+            for run in runs:
+                _, err = run.communicate(timeout=300)
+                assert run.returncode == 0, err.decode()
+
+    for table in TABLES:
+        # The default budget: one unit a stage but the files' (every process costs a second or two).
+        assert run_cli("stage", "plan", table, "parse", *at, "--manifest", batch_id) == 0
+        both(_items(twice, batch_id, table, "parse"))
+        assert run_cli("stage", "plan", table, "resolve", *at, "--manifest", batch_id) == 0
+        both(_items(twice, batch_id, table, "resolve"))
+        assert run_cli("stage", "plan", table, "write", *at, "--manifest", batch_id) == 0
+        for stage in ("write", "moves", "late"):
+            both(_items(twice, batch_id, table, stage))
+        assert run_cli("stage", "finish", table, *at, "--manifest", batch_id) == 0
+    run_batch(open_store(str(once)), now=NOW)
+    theirs, ours = _sorted_tables(once), _sorted_tables(twice)
+    for name, frame in theirs.items():
+        assert ours[name].equals(frame), name
