@@ -493,6 +493,20 @@ def _counts(
     return rows_in, rejected, reasons
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What a unit runs on: the step's store, manifest, table and state, its number in its stage (a file,
+    a bucket, a group), where it puts its output, and where its input is (by kind)."""
+
+    store: Store
+    manifest: Manifest
+    spec: TableSpec
+    state: StepState
+    number: int
+    parts: StoreParts
+    inputs: dict[str, Ranges]
+
+
 def run_unit(store: Store, item: str) -> dict[str, Any]:
     """Run the unit an item (a key under ``plan/``) names, unless its report says it is done; its report."""
     if store.stat(item) is None:
@@ -506,7 +520,7 @@ def run_unit(store: Store, item: str) -> dict[str, Any]:
     state = _state(store, batch_id, table)
     started = time.monotonic()
     parts = StoreParts(store, staging_prefix(batch_id, table), f"{stage}-{unit:05d}")
-    report = _UNITS[stage](store, manifest, spec, state, unit, parts, named.get("inputs", {}))
+    report = _UNITS[stage](Unit(store, manifest, spec, state, unit, parts, named.get("inputs", {})))
     parts.flush()
     _save_frame(store, index_key(batch_id, table, stage, unit), parts.index())
     parts.objects += 1  # the index
@@ -520,17 +534,10 @@ def _entry(manifest: Manifest, spec: TableSpec, state: StepState, unit: int) -> 
     return next(entry for entry in manifest.files[spec.name] if entry.key == key)
 
 
-def _parse_unit(
-    store: Store,
-    manifest: Manifest,
-    spec: TableSpec,
-    state: StepState,
-    unit: int,
-    parts: StoreParts,
-    inputs: dict[str, Ranges],
-) -> dict[str, Any]:
+def _parse_unit(unit: Unit) -> dict[str, Any]:
     """Read and validate one file: its valid rows by bucket, its rejected rows, its partitions' counts."""
-    entry = _entry(manifest, spec, state, unit)
+    store, manifest, spec, parts = unit.store, unit.manifest, unit.spec, unit.parts
+    entry = _entry(manifest, spec, unit.state, unit.number)
     report: dict[str, Any] = {"file": entry.key, "rows_in": 0, "rejected": 0, "reasons": {}, "empty": False}
     report.update(layout_notes=[], read_notes=[], extra_columns=[], empty_lines=0)
     key = _locate(store, spec.name, manifest.batch_id, entry)
@@ -552,10 +559,10 @@ def _parse_unit(
             path, spec, entry.key, layout, stats=stats, expected_digest=_expected_digest(entry)
         ):
             report["rows_in"] += chunk.records.height + chunk.malformed.height
-            typed_rows = _split_chunk(chunk, spec, layout, unit, reject)
+            typed_rows = _split_chunk(chunk, spec, layout, unit.number, reject)
             counts = typed_rows.get_column(typed(spec.partition_by)).value_counts()
             partitions.update(dict(counts.iter_rows()))
-            parts.put_split("parsed", typed_rows.with_columns(bucket_of(spec, state.buckets)), BUCKET)
+            parts.put_split("parsed", typed_rows.with_columns(bucket_of(spec, unit.state.buckets)), BUCKET)
     counted = pl.DataFrame(
         {
             typed(spec.partition_by): pl.Series(list(partitions), dtype=_partition_type(spec)),
@@ -572,22 +579,17 @@ def _groups(store: Store, state: StepState, spec: TableSpec) -> dict[Any, int]:
     return dict(mapping.select(typed(spec.partition_by), "group").iter_rows())
 
 
-def _resolve_unit(
-    store: Store,
-    manifest: Manifest,
-    spec: TableSpec,
-    state: StepState,
-    unit: int,
-    parts: StoreParts,
-    inputs: dict[str, Ranges],
-) -> dict[str, Any]:
+def _resolve_unit(unit: Unit) -> dict[str, Any]:
     """Resolve one bucket of keys: dedup, references (this bucket's), stale rows, moves, groups."""
-    valid = parts.take(inputs["parsed"])
+    store, spec, state, parts = unit.store, unit.spec, unit.state, unit.parts
+    valid = parts.take(unit.inputs["parsed"])
     if valid is None:
         valid = pl.DataFrame()
     referenced = {fk.column: valid.get_column(typed(fk.column)).unique() for fk in spec.foreign_keys}
     known = _known_references(store, spec, referenced)
-    resolved = resolve_bucket(store, spec, valid, known, _groups(store, state, spec), parts, bucket=unit)
+    resolved = resolve_bucket(
+        store, spec, valid, known, _groups(store, state, spec), parts, bucket=unit.number
+    )
     return {
         "survivors": resolved.survivors,
         "to_merge": resolved.to_merge,
@@ -597,32 +599,18 @@ def _resolve_unit(
     }
 
 
-def _write_unit(
-    store: Store,
-    manifest: Manifest,
-    spec: TableSpec,
-    state: StepState,
-    unit: int,
-    parts: StoreParts,
-    inputs: dict[str, Ranges],
-) -> dict[str, Any]:
+def _write_unit(unit: Unit) -> dict[str, Any]:
     """MERGE one group of partitions' survivors (its partitions as literals: groups commit side by side)."""
-    return _merged(store, spec, state, parts.take(inputs["resolved"]), [], f"group {unit}")
+    rows = unit.parts.take(unit.inputs["resolved"])
+    return _merged(unit.store, unit.spec, unit.state, rows, [], f"group {unit.number}")
 
 
-def _moves_unit(
-    store: Store,
-    manifest: Manifest,
-    spec: TableSpec,
-    state: StepState,
-    unit: int,
-    parts: StoreParts,
-    inputs: dict[str, Ranges],
-) -> dict[str, Any]:
+def _moves_unit(unit: Unit) -> dict[str, Any]:
     """MERGE the keys that change partition, naming the partitions they leave too (after the groups)."""
-    resolved = _unit_reports(store, state, "resolve")
+    resolved = _unit_reports(unit.store, unit.state, "resolve")
     moved_from = sorted({value for report in resolved.values() for value in report["moved_from"]}, key=str)
-    return _merged(store, spec, state, parts.take(inputs["moves"]), moved_from, "the moving keys")
+    rows = unit.parts.take(unit.inputs["moves"])
+    return _merged(unit.store, unit.spec, unit.state, rows, moved_from, "the moving keys")
 
 
 def _merged(
@@ -649,20 +637,13 @@ def _merged(
     }
 
 
-def _late_unit(
-    store: Store,
-    manifest: Manifest,
-    spec: TableSpec,
-    state: StepState,
-    unit: int,
-    parts: StoreParts,
-    inputs: dict[str, Ranges],
-) -> dict[str, Any]:
+def _late_unit(unit: Unit) -> dict[str, Any]:
     """Cut one file's late rejects' original text out of it (``_late_text``) and put them as rejected."""
-    late = parts.take(inputs["late"])
+    store, manifest, spec, parts = unit.store, unit.manifest, unit.spec, unit.parts
+    late = parts.take(unit.inputs["late"])
     if late is None:
         return {"rows": 0}
-    entry = _entry(manifest, spec, state, unit)
+    entry = _entry(manifest, spec, unit.state, unit.number)
     key = _locate(store, spec.name, manifest.batch_id, entry)
     with store.local_path(key, entry.version, entry.size) as path:
         layout = read_layout(path, spec, entry.key)
@@ -672,7 +653,7 @@ def _late_unit(
     return {"rows": texts.height}
 
 
-_UNITS: dict[str, Callable[..., dict[str, Any]]] = {
+_UNITS: dict[str, Callable[[Unit], dict[str, Any]]] = {
     "parse": _parse_unit,
     "resolve": _resolve_unit,
     "write": _write_unit,
